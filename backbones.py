@@ -1,0 +1,195 @@
+"""Backbones: images -> pooled features, with `feat_dim` set on every model.
+
+    build_backbone("resnet18")          # torchvision ResNet18, fc = Identity      -> (B, 512)
+    build_backbone("mobilenet_v2")      # torchvision MobileNetV2, classifier = Id  -> (B, 1280)
+    build_backbone("vit_tiny", drop_path_rate=0.1)                                  -> (B, 192)
+
+CNNs are torchvision's own definitions with the classifier replaced by nn.Identity, so the
+parameter names stay torchvision's: a backbone state_dict loads into `torchvision.models.resnet18()`
+with only `fc.weight`/`fc.bias` missing (spec §3: the paper's ResNet/MobileNetV2 are equivalent to
+torchvision's, 7x7 stem, zero_init_residual False, width 1.0).
+
+The ViT is written here (DINO's ViT, spec §3): patch 16, CLS token taken after the final norm,
+learned position embeddings interpolated bicubically to any input that is a multiple of 16
+(224 -> 14x14 patches, 128 -> 8x8, 96 -> 6x6), stochastic depth, and `last_cls_tokens(x, n)` for
+the linear-probe protocol (spec §4.2: CLS of the last 4 blocks, each through the final norm).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+CNN_FEAT_DIMS = {"mobilenet_v2": 1280, "resnet18": 512, "resnet34": 512, "resnet50": 2048}
+VIT_CONFIGS = {  # embed_dim, depth, heads (DINO's vit_tiny / vit_small)
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+}
+ARCHS = sorted(CNN_FEAT_DIMS) + sorted(VIT_CONFIGS)
+
+
+def build_backbone(arch, drop_path_rate=0.0, patch_size=16, img_size=224):
+    """Return an nn.Module mapping (B, 3, H, W) images to (B, feat_dim) features.
+
+    drop_path_rate / patch_size / img_size only concern ViTs (img_size sets the size of the learned
+    position-embedding grid; other sizes are interpolated)."""
+    if arch in CNN_FEAT_DIMS:
+        model = getattr(torchvision.models, arch)(weights=None)
+        # Remove the classifier but keep torchvision's forward (which already does global
+        # average pooling + flatten): parameter names stay loadable into torchvision.
+        if arch == "mobilenet_v2":
+            model.classifier = nn.Identity()  # drops Dropout + Linear
+        else:
+            model.fc = nn.Identity()
+        model.feat_dim = CNN_FEAT_DIMS[arch]
+        model.is_vit = False
+        return model
+    if arch in VIT_CONFIGS:
+        embed_dim, depth, heads = VIT_CONFIGS[arch]
+        return VisionTransformer(embed_dim=embed_dim, depth=depth, num_heads=heads,
+                                 patch_size=patch_size, img_size=img_size,
+                                 drop_path_rate=drop_path_rate)
+    raise ValueError(f"unknown arch {arch!r}; valid archs: {', '.join(ARCHS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision Transformer
+# ----------------------------------------------------------------------------------------------
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch for a random subset of samples."""
+
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernel on CUDA
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, num_patches, embed_dim)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, embed_dim=192, depth=12, num_heads=3, patch_size=16, img_size=224,
+                 mlp_ratio=4.0, drop_path_rate=0.0):
+        super().__init__()
+        self.feat_dim = embed_dim
+        self.is_vit = True
+        self.patch_size = patch_size
+        self.patch_embed = PatchEmbed(patch_size, embed_dim)
+        grid = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
+        # Stochastic depth grows linearly from 0 (first block) to drop_path_rate (last block).
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def interpolate_pos_embed(self, h_patches, w_patches):
+        """Position embeddings for an (h_patches x w_patches) grid: bicubic resize of the
+        learned grid (DINO does this for 96 px local crops; spec §3)."""
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        grid = int(math.sqrt(patch_pos.shape[1]))
+        if (h_patches, w_patches) == (grid, grid):
+            return self.pos_embed
+        dim = patch_pos.shape[-1]
+        patch_pos = patch_pos.reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos.float(), size=(h_patches, w_patches), mode="bicubic",
+                                  align_corners=False).to(cls_pos.dtype)
+        return torch.cat([cls_pos, patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+    def tokens(self, x):
+        B, _, H, W = x.shape
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"ViT input {H}x{W} is not a multiple of the patch size {self.patch_size}")
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+        return x + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size)
+
+    def forward(self, x):
+        x = self.tokens(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)[:, 0]  # CLS token after the final norm
+
+    def last_cls_tokens(self, x, n=4):
+        """CLS tokens of the last n blocks, each through the final norm, concatenated:
+        (B, n * embed_dim). The ViT linear-probe feature of spec §4.2 (n=4 -> 768 for ViT-Tiny)."""
+        x = self.tokens(x)
+        outputs = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i >= len(self.blocks) - n:
+                outputs.append(self.norm(x)[:, 0])
+        return torch.cat(outputs, dim=-1)
+
+
+def multicrop_features(backbone, crops):
+    """Features of a list of crops [g1, g2, l1, ...] (each (B, 3, H, W)), view-major: (len(crops) * B, D).
+
+    Consecutive crops of equal resolution are concatenated and run through the backbone in one
+    call: 2 calls (globals, locals) instead of 2 + n (DINO's MultiCropWrapper, spec §2.0). This
+    also fixes BatchNorm semantics: backbone BN statistics are computed per resolution group."""
+    features, start = [], 0
+    while start < len(crops):
+        end = start + 1
+        while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
+            end += 1
+        features.append(backbone(torch.cat(crops[start:end])))
+        start = end
+    return torch.cat(features)
