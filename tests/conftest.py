@@ -1,0 +1,64 @@
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(2)
+
+
+def make_image_folder(root, n_per_class=8, classes=("a", "b"), size=32):
+    """A tiny ImageFolder of generated shapes (tests never download or read ../shared)."""
+    from training import SyntheticShapes
+    shapes = SyntheticShapes(10 * n_per_class, size=size)
+    for c, name in enumerate(classes):
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        for i in range(n_per_class):
+            image, _ = shapes.render(c + 10 * i)
+            image.save(os.path.join(root, name, f"{i:03d}.png"))
+    return str(root)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / "images")
+
+
+class TinyBackbone(nn.Module):
+    """A 2-layer CNN with BN standing in for a real backbone in tests about logic."""
+
+    def __init__(self, feat_dim=16, **unused):
+        super().__init__()
+        self.feat_dim, self.is_vit = feat_dim, False
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Conv2d(8, feat_dim, 3, 2, 1), nn.BatchNorm2d(feat_dim), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
+
+
+def run_torchrun(module, out_prefix, args, nproc=2, timeout=300):
+    """Run tests/ddp_worker.py under torchrun on CPU (gloo); returns the per-rank saved states."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={free_port()}", os.path.join(ROOT, "tests", "ddp_worker.py"),
+           module, str(out_prefix)] + list(args)
+    result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return [torch.load(f"{out_prefix}.rank{r}", weights_only=False) for r in range(nproc)], result
