@@ -90,6 +90,8 @@ def get_recipe(method, recipe="light", arch="resnet18", **overrides):
         key = "dino_vit" if arch.startswith("vit") else "dino_cnn"
     if (key, recipe) not in RECIPES:
         valid = sorted(r for m, r in RECIPES if m == key)
+        if not valid:
+            raise ValueError(f"unknown method {method!r}; valid: dino, moco, swav")
         raise ValueError(f"no recipe {recipe!r} for {method}; valid: {', '.join(valid)}")
     base = RECIPES[(key, recipe)]
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -241,5 +243,8 @@ if __name__ == "__main__":
     for name in names:
         recipe = get_recipe(args.method, name, args.arch)
         rows.append(draw_views(source, recipe, f"{args.method} {name}: {describe(recipe)}"))
-    stack_rows(rows).save(args.out)
+    sheet = stack_rows(rows)
+    if args.out.lower().endswith(".png"):  # 256 colours: ~1/3 of the RGB file size, hardly visible
+        sheet = sheet.quantize(256)
+    sheet.save(args.out)
     print(f"wrote {args.out}")
