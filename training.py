@@ -185,16 +185,22 @@ class ImageFiles(torch.utils.data.Dataset):
         raise RuntimeError(f"no readable image under {self.root}")
 
 
-def build_dataset(data, transform=None, train=True):
-    """--data value -> Dataset yielding (transform(image), label)."""
+def build_dataset(data, transform=None, split="train"):
+    """--data value -> Dataset yielding (transform(image), label).
+
+    split: "train" (every training image, for pre-training: STL-10 includes its 100k unlabelled
+    images), "labelled" (training images with labels, for kNN banks and probes) or "val"."""
     if data in (None, "synthetic"):
-        return SyntheticShapes(2000 if train else 500, transform=transform, seed=0 if train else 1)
+        return SyntheticShapes(500 if split == "val" else 2000, transform=transform, seed=1 if split == "val" else 0)
     if data in ("cifar10", "cifar100", "stl10"):
         cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
                "stl10": torchvision.datasets.STL10}[data]
-        split = dict(split="train+unlabeled" if train else "test") if data == "stl10" else dict(train=train)
+        if data == "stl10":
+            which = dict(split={"train": "train+unlabeled", "labelled": "train", "val": "test"}[split])
+        else:
+            which = dict(train=split != "val")
         try:
-            return cls("data", download=True, transform=transform, **split)
+            return cls("data", download=True, transform=transform, **which)
         except Exception as error:  # offline and not on disk yet
             raise RuntimeError(f"--data {data}: not found in ./data and could not be downloaded ({error}). "
                                f"Download it once with internet access (torchvision.datasets.{cls.__name__}('data', download=True)) "
@@ -202,11 +208,14 @@ def build_dataset(data, transform=None, train=True):
     return ImageFiles(data, transform)
 
 
-def build_eval_datasets(eval_data, transform):
-    """--eval-data -> (train bank, val) labelled datasets for the kNN monitor."""
+def build_eval_datasets(eval_data, transform, train_transform=None):
+    """-> (labelled train set, val set): a root with train/ and val/ ImageFolders, or a named
+    set. The train set uses train_transform when given (linear probe), else transform (kNN bank)."""
+    train_transform = train_transform or transform
     if eval_data in ("synthetic", "cifar10", "cifar100", "stl10"):
-        return build_dataset(eval_data, transform, True), build_dataset(eval_data, transform, False)
-    return tuple(ImageFiles(os.path.join(eval_data, split), transform) for split in ("train", "val"))
+        return build_dataset(eval_data, train_transform, "labelled"), build_dataset(eval_data, transform, "val")
+    return (ImageFiles(os.path.join(eval_data, "train"), train_transform),
+            ImageFiles(os.path.join(eval_data, "val"), transform))
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):

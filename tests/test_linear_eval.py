@@ -1,0 +1,250 @@
+"""Tests of linear_eval.py: probe training, frozen backbone, kNN by hand, checkpoint loading,
+label subsets, fine-tuning. Tiny data, 32 px images, CPU; a few seconds in all."""
+import math
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import backbones
+import linear_eval as le
+import training
+
+CPU_RUN = training.Run(rank=0, world=1, device=torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier training and the frozen backbone
+# ----------------------------------------------------------------------------------------------
+
+def test_fit_linear_separates_separable_features():
+    g = torch.Generator().manual_seed(1234)  # not fit_linear's seed 0: the init must not align with the centres
+    centres = torch.randn(4, 16, generator=g) * 3
+    labels = torch.arange(400) % 4
+    features = centres[labels] + 0.3 * torch.randn(400, 16, generator=g)
+    top = lambda linear: (100.0 * le.count_hits(linear(features[300:]), labels[300:]) / 100).tolist()
+    with torch.no_grad():
+        untrained = top(le.fit_linear(features[:300], labels[:300], 4, epochs=1, lr=0.0, batch_size=150))
+        top1, top5 = top(le.fit_linear(features[:300], labels[:300], 4, epochs=10, lr=5e-2, batch_size=150))
+    assert untrained[0] <= 50.0  # so the test would fail if training did nothing
+    assert top1 >= 99.0 and top5 == 100.0
+
+
+def test_probe_optimizer_follows_the_paper():
+    linear = le.new_linear(512, 10)
+    assert abs(linear.weight.std().item() - 0.01) < 1e-3 and linear.bias.abs().sum() == 0
+    lars = le.probe_optimizer(linear, is_vit=False, lr=0.8)
+    assert isinstance(lars, training.LARS)
+    (weights,), (bias,) = [g["params"] for g in lars.param_groups]
+    assert weights is linear.weight and bias is linear.bias
+    assert [g["lars_exclude"] for g in lars.param_groups] == [False, True]
+    assert all(g["weight_decay"] == 0 and g["momentum"] == 0.9 for g in lars.param_groups)
+    sgd = le.probe_optimizer(linear, is_vit=True, lr=0.04)
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["weight_decay"] == 0
+
+
+def test_linear_probe_leaves_backbone_bit_identical():
+    torch.manual_seed(0)
+    backbone = backbones.build_backbone("resnet18")
+    backbone.train()  # the probe itself must switch it to eval (BN running stats)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 3
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    torch.manual_seed(1)
+    initial = le.new_linear(512, 3).weight.detach().clone()
+    torch.manual_seed(1)  # the probe's Linear gets the same init
+    linear, history = le.train_linear_probe(backbone, loader, loader, 3, epochs=1, lr=0.5, run=CPU_RUN)
+    after = backbone.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"backbone tensors changed: {changed[:5]}"
+    assert not any(p.requires_grad for p in backbone.parameters())
+    assert not torch.equal(linear.weight.detach(), initial), "the classifier did not train"
+    assert len(history) == 1 and math.isfinite(history[0]["loss"]) and 0 <= history[0]["top1"] <= 100
+
+
+def test_extract_features_restores_mode_and_uses_eval():
+    torch.manual_seed(0)
+    backbone = backbones.build_backbone("resnet18").train()
+    images = torch.randn(6, 3, 32, 32)
+    features, labels = le.extract_features(backbone, DataLoader(TensorDataset(images, torch.arange(6)), batch_size=4), "cpu")
+    assert backbone.training
+    with torch.no_grad():
+        expected = backbone.eval()(images)
+    assert features.shape == (6, 512) and torch.allclose(features, expected, atol=1e-5)
+    assert labels.tolist() == list(range(6))
+
+
+# ----------------------------------------------------------------------------------------------
+# kNN against a hand computation
+# ----------------------------------------------------------------------------------------------
+
+def test_knn_weights_by_temperature():
+    # bank: A=[1,0] class 0, B=[.6,.8] class 1, C=[.6,-.8] class 1, D=[-1,0] class 2 (unit length)
+    bank = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8], [-1.0, 0.0]])
+    bank_labels = torch.tensor([0, 1, 1, 2])
+    query, label = torch.tensor([[2.0, 0.0]]), torch.tensor([1])  # normalised to [1, 0]: sims 1, .6, .6, -1
+    # k=3 (A, B, C). T=0.1: class 0 exp(10) = 22026 > class 1 2 exp(6) = 807 -> predicts 0 (majority loses)
+    assert le.knn_classify(bank, bank_labels, query, label, 3, k=3, temperature=0.1) == (0.0, 100.0)
+    # T=1: class 0 exp(1) = 2.72 < class 1 2 exp(.6) = 3.64 -> predicts 1. Top-5 is top-3 with 3 classes
+    assert le.knn_classify(bank, bank_labels, query, label, 3, k=3, temperature=1.0) == (100.0, 100.0)
+    # k=1: only A votes
+    assert le.knn_classify(bank, bank_labels, query, label, 3, k=1, temperature=1.0)[0] == 0.0
+    # k larger than the bank: all 4 vote, class 1 3.64 > class 0 2.72 > class 2 exp(-1) = .37
+    assert le.knn_classify(bank, bank_labels, query, label, 3, k=100, temperature=1.0) == (100.0, 100.0)
+
+
+def test_knn_top5_by_hand():
+    # bank at angles 0, 20, ..., 100 and 180 degrees, classes 0..6. A query at 0 degrees with k=5
+    # gets classes 0..4 with weights exp(cos(angle)/T): 0 > 1 > 2 > 3 > 4, classes 5 and 6 none.
+    angles = torch.tensor([0.0, 20, 40, 60, 80, 100, 180]) * math.pi / 180
+    bank = torch.stack([angles.cos(), angles.sin()], dim=1)
+    queries = torch.tensor([[1.0, 0.0]] * 3)
+    labels = torch.tensor([0, 4, 5])  # top-1 and top-5 hit / top-5 only / neither
+    expected = (100.0 / 3, 200.0 / 3)
+    for chunk in (1, 512):
+        top1, top5 = le.knn_classify(bank, torch.arange(7), queries, labels, 7, k=5, temperature=0.07, chunk_size=chunk)
+        assert top1 == pytest.approx(expected[0]) and top5 == pytest.approx(expected[1])
+    # k=6: class 5 (100 degrees) votes too but has the 6th largest score, so top-5 stays 0..4
+    assert le.knn_classify(bank, torch.arange(7), queries, labels, 7, k=6) == pytest.approx(expected)
+    # a second class-5 image at 10 degrees: k=6 votes 0 > 5 > 1 > 2 > 3 > 4, so class 4 drops out of
+    # the top-5 and class 5 enters it (one query at a time)
+    bank5 = torch.cat([bank, torch.tensor([[math.cos(math.pi / 18), math.sin(math.pi / 18)]])])
+    labels5 = torch.tensor([0, 1, 2, 3, 4, 5, 6, 5])
+    one = lambda label: le.knn_classify(bank5, labels5, queries[:1], torch.tensor([label]), 7, k=6)
+    assert (one(0), one(4), one(5), one(3)) == ((100.0, 100.0), (0.0, 0.0), (0.0, 100.0), (0.0, 100.0))
+
+
+def test_knn_monitor_on_an_image_folder(tmp_path):
+    from PIL import Image
+    for split in ("train", "val"):
+        for name, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(3):
+                shade = tuple(min(255, c + 10 * i) for c in colour)
+                Image.new("RGB", (40, 40), shade).save(tmp_path / split / name / f"{i}.png")
+    mean_colour = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).train()
+    result = le.knn_monitor(mean_colour, str(tmp_path), 32, "cpu", batch_size=4, k=3)
+    assert result == {"knn_top1": 100.0, "knn_top5": 100.0}  # 2 classes: top-5 is top-2
+    assert mean_colour.training
+    # the same bank with swapped val labels: every prediction is wrong
+    bank, bank_labels = torch.tensor([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3), torch.tensor([0] * 3 + [1] * 3)
+    assert le.knn_classify(bank, bank_labels, bank, 1 - bank_labels, 2, k=3)[0] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoint loading
+# ----------------------------------------------------------------------------------------------
+
+def _states(arch, seeds):
+    out = []
+    for seed in seeds:
+        torch.manual_seed(seed)
+        out.append(backbones.build_backbone(arch).state_dict())
+    return out
+
+
+def _prefixed(state, prefix):
+    return {prefix + k: v for k, v in state.items()}
+
+
+def _assert_loaded(backbone, state):
+    loaded = backbone.state_dict()
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+@pytest.fixture(scope="module")
+def r18():
+    return _states("resnet18", [0, 1])
+
+
+def test_load_all_checkpoint_formats(tmp_path, r18):
+    student, teacher = r18
+    head = {"head.mlp.0.weight": torch.randn(2048, 512), "head.last_layer.weight_g": torch.ones(4096, 1)}
+    formats = {
+        "dino": {"method": "dino", "settings": {"arch": "resnet18"},
+                 "student": {**_prefixed(student, "backbone."), **head}, "teacher": {**_prefixed(teacher, "backbone."), **head}},
+        "moco": {"method": "moco", "settings": {"arch": "resnet18"},  # saved from a DDP-wrapped model
+                 "query_encoder": {**_prefixed(student, "module.backbone."), "module.head.0.weight": torch.randn(3, 3)}},
+        "swav": {"method": "swav", "settings": {"arch": "resnet18"},
+                 "model": {**_prefixed(student, "backbone."), "projection.0.weight": torch.randn(3, 3),
+                           "prototypes.weight": torch.randn(3, 3)}},
+        "exported": student,
+    }
+    for name, checkpoint in formats.items():
+        torch.save(checkpoint, tmp_path / f"{name}.pth")
+    backbone, info = le.load_backbone(str(tmp_path / "dino.pth"), "resnet18")
+    _assert_loaded(backbone, teacher)  # teacher by default, as official DINO
+    assert info["method"] == "dino" and "mlp.0.weight" in info["head"]
+    backbone, _ = le.load_backbone(str(tmp_path / "dino.pth"), "resnet18", checkpoint_key="student")
+    _assert_loaded(backbone, student)
+    for name in ("moco", "swav", "exported"):
+        backbone, info = le.load_backbone(str(tmp_path / f"{name}.pth"), "resnet18")
+        _assert_loaded(backbone, student)
+        assert info["method"] == name and info["head"] is None
+
+
+def test_load_errors_name_what_does_not_fit(tmp_path, r18):
+    (r34,) = _states("resnet34", [0])
+    torch.save({"method": "moco", "settings": {"arch": "resnet34"}, "query_encoder": _prefixed(r34, "backbone.")},
+               tmp_path / "moco34.pth")
+    with pytest.raises(le.CheckpointError, match=r"pass --arch resnet34") as error:
+        le.load_backbone(str(tmp_path / "moco34.pth"), "resnet18")
+    assert "unexpected layer1.2" in str(error.value)
+    torch.save(r34, tmp_path / "r34.pth")  # exported: no settings, so every arch is tried
+    with pytest.raises(le.CheckpointError, match=r"fits --arch resnet34"):
+        le.load_backbone(str(tmp_path / "r34.pth"), "resnet18")
+    shrunk = dict(r18[0], **{"conv1.weight": torch.zeros(64, 3, 3, 3)})
+    torch.save(shrunk, tmp_path / "shape.pth")
+    with pytest.raises(le.CheckpointError, match=r"wrong shape conv1.weight \(64, 3, 3, 3\) vs \(64, 3, 7, 7\)"):
+        le.load_backbone(str(tmp_path / "shape.pth"), "resnet18")
+    torch.save({"method": "dino", "settings": {"arch": "resnet18"}, "student": _prefixed(r18[0], "backbone.")},
+               tmp_path / "no_teacher.pth")
+    with pytest.raises(le.CheckpointError, match=r"without 'teacher'"):
+        le.load_backbone(str(tmp_path / "no_teacher.pth"), "resnet18")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(le.CheckpointError, match=r"cannot read"):
+        le.load_backbone(str(tmp_path / "garbage.pth"), "resnet18")
+
+
+# ----------------------------------------------------------------------------------------------
+# Label subsets and fine-tuning
+# ----------------------------------------------------------------------------------------------
+
+def test_balanced_subset_is_deterministic_and_balanced():
+    labels = torch.tensor([0] * 100 + [1] * 50 + [2] * 3)[torch.randperm(153, generator=torch.Generator().manual_seed(0))]
+    subset = le.balanced_subset(labels, 0.1, seed=0)
+    assert subset == le.balanced_subset(labels, 0.1, seed=0)
+    assert subset != le.balanced_subset(labels, 0.1, seed=1)
+    assert subset == sorted(set(subset))
+    assert torch.bincount(labels[subset]).tolist() == [10, 5, 1]  # 10% of each class, at least 1
+    assert le.balanced_subset(labels, 1.0) == list(range(153))
+
+
+def test_subset_file_matches_file_names(tmp_path):
+    subset = tmp_path / "semi_1percent.txt"
+    subset.write_text("0,0,n01440764,n01440764_10026.JPEG\nb.png\n\n")
+    paths = ["/d/n01440764/n01440764_10026.JPEG", "/d/c/a.png", "/d/c/b.png", "/d/n01440764/other.JPEG"]
+    assert le.subset_from_file(paths, str(subset)) == ([0, 2], 2)
+
+
+def test_finetune_head_from_dino_and_loss_decreases():
+    torch.manual_seed(0)
+    model = le.FineTuneNet(backbones.build_backbone("resnet18"), num_classes=4, hidden=128)  # paper 2048
+    nn = torch.nn  # DINO's CNN head.mlp (hidden 128 here): Linear-BN-GELU-Linear-BN-GELU-Linear(256)
+    dino_mlp = nn.Sequential(nn.Linear(512, 128), nn.BatchNorm1d(128), nn.GELU(), nn.Linear(128, 128),
+                             nn.BatchNorm1d(128), nn.GELU(), nn.Linear(128, 256))
+    dino_mlp[4].running_var.uniform_(0.5, 2.0)
+    dino_head = {f"mlp.{k}": v for k, v in dino_mlp.state_dict().items()}
+    assert "copied" in le.init_head_from_dino(model, dino_head)
+    assert torch.equal(model.head[3].weight, dino_head["mlp.3.weight"])
+    assert torch.equal(model.head[4].running_var, dino_head["mlp.4.running_var"])
+    vit_head = {"mlp.0.weight": torch.randn(128, 512), "mlp.2.weight": torch.randn(128, 128)}  # no BN
+    assert "random" in le.init_head_from_dino(model, vit_head)
+    assert "random" in le.init_head_from_dino(model, None)
+
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+    optimizer = le.finetune_optimizer(model, lr=0.01)
+    assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["momentum"] == 0.9
+    model.train()
+    losses = [le.train_step(model, optimizer, images, labels, CPU_RUN).item() for _ in range(4)]
+    assert losses[-1] < 0.5 * losses[0], losses
