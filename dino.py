@@ -150,11 +150,11 @@ class DINOLoss(nn.Module):
 
     def forward(self, student_out, teacher_out, teacher_temp):
         n_views = 2 + self.local_crops
-        student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).chunk(n_views)
-        teacher_p = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().chunk(2)
-        batch = teacher_p[0].shape[0]
+        # (views, batch, K): row v * B + b of the outputs is image b seen in view v.
+        student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).unflatten(0, (n_views, -1))
+        teacher_p = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().unflatten(0, (2, -1))
         # ce[t, v] = mean over the batch of -sum_k p_teacher(view t) * log p_student(view v)
-        ce = -torch.einsum("tbk,vbk->tv", torch.stack(teacher_p), torch.stack(student_logp)) / batch
+        ce = -torch.einsum("tbk,vbk->tv", teacher_p, student_logp) / teacher_p.shape[1]
         global_global = (ce[0, 1] + ce[1, 0]) / 2
         if self.local_crops == 0:
             loss = global_global

@@ -1,0 +1,288 @@
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import moco_v2
+from conftest import TinyBackbone, run_torchrun
+
+
+def hand_ce_row(logits, target=0):
+    """-log softmax(logits)[target], plain Python."""
+    return -(logits[target] - math.log(sum(math.exp(v) for v in logits)))
+
+
+def dot(a, b):
+    return sum(x * y for x, y in zip(a, b))
+
+
+# 3 queries (g2, l1, l2) of B = 2 images, dim 2; key g1; K = 3 negatives. Rows are view-major.
+Q = [[1.0, 0.0], [0.6, 0.8],      # g2
+     [0.0, 1.0], [-0.6, 0.8],     # l1
+     [0.8, -0.6], [1.0, 0.0]]     # l2
+KEYS = [[0.6, 0.8], [0.0, -1.0]]
+QUEUE = [[1.0, 0.0, -0.8], [0.0, 1.0, 0.6]]  # dim x K: columns are the negatives
+T = 0.2
+
+
+def hand_logits():
+    negatives = list(zip(*QUEUE))
+    return [[dot(q, KEYS[r % 2]) / T] + [dot(q, n) / T for n in negatives] for r, q in enumerate(Q)]
+
+
+def test_logits_put_the_positive_first():
+    logits = moco_v2.moco_logits(torch.tensor(Q), torch.tensor(KEYS), torch.tensor(QUEUE), T)
+    assert logits.shape == (6, 1 + 3)
+    assert torch.allclose(logits, torch.tensor(hand_logits()), atol=1e-6)
+    # Each query's positive is the key of ITS image: row 3 (l1 of image 1) uses key 1, not key 0.
+    assert logits[3, 0].item() == pytest.approx(dot(Q[3], KEYS[1]) / T)
+
+
+@pytest.mark.parametrize("weights", ["light", "baseline"])
+def test_loss_matches_hand_computation(weights):
+    alpha, beta = (0.4, 0.6) if weights == "light" else (1 / 3, 2 / 3)  # baseline, 2 locals: 1/(1+2)
+    logits = moco_v2.moco_logits(torch.tensor(Q), torch.tensor(KEYS), torch.tensor(QUEUE), T)
+    loss = moco_v2.moco_loss(logits, n_queries=3, alpha=alpha, beta=beta).item()
+    ce = [hand_ce_row(row) for row in hand_logits()]
+    ce_g2, ce_l1, ce_l2 = (ce[0] + ce[1]) / 2, (ce[2] + ce[3]) / 2, (ce[4] + ce[5]) / 2
+    assert loss == pytest.approx(alpha * ce_g2 + beta * (ce_l1 + ce_l2) / 2, rel=1e-5)
+    if weights == "baseline":  # the plain mean over all 1 + n_local queries
+        assert loss == pytest.approx(sum(ce) / 6, rel=1e-5)
+    # No locals: CE of g2 alone, whatever the weights.
+    g2_logits = moco_v2.moco_logits(torch.tensor(Q[:2]), torch.tensor(KEYS), torch.tensor(QUEUE), T)
+    assert moco_v2.moco_loss(g2_logits, 1, alpha, beta).item() == pytest.approx(ce_g2, rel=1e-5)
+
+
+def test_queue_init_enqueue_and_wrap_around():
+    memory = moco_v2.MoCoQueue(dim=2, size=5, seed=3)
+    assert torch.allclose(memory.queue.norm(dim=0), torch.ones(5))
+    assert torch.equal(memory.queue, moco_v2.MoCoQueue(2, 5, seed=3).queue)  # same on every rank
+    initial = memory.queue.clone()
+    a = torch.arange(6.0).view(3, 2)
+    memory.enqueue(a)
+    assert memory.ptr.item() == 3 and torch.equal(memory.queue[:, :3], a.T)
+    assert torch.equal(memory.queue[:, 3:], initial[:, 3:])
+    b = -torch.arange(1.0, 7.0).view(3, 2)
+    memory.enqueue(b)  # 5 is not a multiple of 3: columns 3, 4 then 0
+    assert memory.ptr.item() == 1
+    assert torch.equal(memory.queue[:, 3:], b[:2].T) and torch.equal(memory.queue[:, 0], b[2])
+    assert torch.equal(memory.queue[:, 1:3], a[1:].T)
+    with pytest.raises(ValueError, match="queue size"):
+        memory.enqueue(torch.zeros(6, 2))
+
+
+class Recorder(nn.Module):
+    """Maps a list of crops to one row per image: [mean pixel, 0, ...]; records each call's shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, crops):
+        self.calls.append([tuple(c.shape) for c in crops])
+        return torch.cat([c.mean(dim=(1, 2, 3)) for c in crops])[:, None].repeat(1, 4)
+
+
+def test_split_bn_shuffle_then_unshuffle_is_the_identity():
+    torch.manual_seed(0)
+    images = torch.arange(16.0).view(16, 1, 1, 1).expand(16, 3, 2, 2).contiguous()
+    seen = []
+    encoder = lambda crops: seen.append(crops[0][:, 0, 0, 0].clone()) or crops[0][:, 0, 0, 0, None] * 2
+    keys = moco_v2.split_bn_keys(encoder, images, bn_splits=4)
+    assert torch.equal(keys[:, 0], torch.arange(16.0) * 2)  # back in the input order
+    assert [len(s) for s in seen] == [4, 4, 4, 4]  # BN statistics per sub-batch of 4
+    assert not torch.equal(torch.cat(seen), torch.arange(16.0))  # ... of shuffled images
+    assert torch.equal(torch.cat(seen).sort().values, torch.arange(16.0))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_shuffle_bn_across_ranks_returns_each_ranks_own_keys(rank, monkeypatch):
+    """2 simulated ranks with 4 images each (values 0..7): the fake collectives stand in for gloo."""
+    all_images = torch.arange(8.0).view(8, 1, 1, 1)
+    perm = torch.tensor([5, 2, 7, 0, 3, 6, 1, 4])  # "rank 0's" permutation: each slice mixes both ranks
+    encoder = lambda crops: crops[0].flatten(1) * 2
+    slices = [encoder([all_images[perm[4 * j:4 * j + 4]]]) for j in range(2)]
+    gathers = []
+
+    class FakeDist:
+        get_world_size, get_rank = staticmethod(lambda: 2), staticmethod(lambda: rank)
+
+        @staticmethod
+        def broadcast(tensor, src):
+            assert src == 0
+            tensor.copy_(perm)
+
+    def fake_gather(tensor):
+        gathers.append(tensor.clone())
+        if len(gathers) == 1:
+            assert torch.equal(tensor, all_images[4 * rank:4 * rank + 4])
+            return all_images
+        assert torch.equal(tensor, slices[rank])  # this rank ran its slice of the shuffled batch
+        return torch.cat(slices)
+
+    monkeypatch.setattr(moco_v2, "dist", FakeDist)
+    monkeypatch.setattr(moco_v2.training, "concat_all_gather", fake_gather)
+    keys = moco_v2.shuffle_bn_keys(encoder, all_images[4 * rank:4 * rank + 4])
+    assert torch.equal(keys[:, 0], 2 * torch.arange(4.0 * rank, 4.0 * rank + 4)) and len(gathers) == 2
+
+
+def test_clamp_bn_splits():
+    log = lambda *a: None
+    assert moco_v2.clamp_bn_splits(8, 256, log) == 8
+    assert moco_v2.clamp_bn_splits(8, 12, log) == 6   # divides 12
+    assert moco_v2.clamp_bn_splits(8, 4, log) == 2    # >= 2 images per split
+    assert moco_v2.clamp_bn_splits(8, 7, log) == 1
+
+
+@pytest.mark.parametrize("bn_splits", [0, 2])  # 0: a key encoder without BN (plain forward)
+def test_queries_are_g2_and_locals_and_the_key_is_g1_only(bn_splits):
+    B = 4
+    crops = [torch.full((B, 3, 8, 8), 1.0), torch.full((B, 3, 8, 8), 2.0)] + \
+            [torch.full((B, 3, 4, 4), 3.0 + i) for i in range(3)]
+    query, key = Recorder(), Recorder()
+    q, k = moco_v2.moco_forward(query, key, crops, bn_splits)
+    assert q.shape == ((1 + 3) * B, 4) and k.shape == (B, 4)
+    assert q[:, 0].tolist() == [2.0] * B + [3.0] * B + [4.0] * B + [5.0] * B  # [g2, l1, l2, l3]
+    assert k[:, 0].tolist() == [1.0] * B  # g1, and nothing else
+    assert key.calls == ([[(2, 3, 8, 8)]] * 2 if bn_splits else [[(B, 3, 8, 8)]])  # g1 in 2 BN splits, or whole
+    assert not k.requires_grad
+
+
+def test_paper_and_classic_defaults():
+    light = moco_v2.resolve_defaults(moco_v2.get_args_parser().parse_args([]))
+    assert (light.recipe, light.arch, light.optimizer, light.lr, light.min_lr) == ("light", "mobilenet_v2", "lars", 0.48, 0.0048)
+    assert (light.warmup_epochs, light.weight_decay, light.lr_schedule, light.hidden_dim) == (10, 1e-6, "iter", 2048)
+    assert (light.temperature, light.momentum, light.queue_size, light.dim) == (0.2, 0.999, 65536, 128)
+    classic = moco_v2.resolve_defaults(moco_v2.get_args_parser().parse_args(["--recipe", "classic"]))
+    assert (classic.optimizer, classic.lr, classic.min_lr, classic.warmup_epochs) == ("sgd", 0.03, 0.0, 0)
+    assert (classic.weight_decay, classic.decay_all_params, classic.lr_schedule) == (1e-4, 1, "epoch")
+    head = moco_v2.build_moco_net(classic).head  # MoCo-v2: Linear(feat, feat) -> ReLU -> Linear(feat, 128)
+    assert [tuple(m.weight.shape) for m in head.mlp if isinstance(m, nn.Linear)] == [(1280, 1280), (128, 1280)]
+
+
+def test_training_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    net = lambda: moco_v2.MoCoNet(TinyBackbone(), moco_v2.MoCoHead(16, 64, 32))
+    query, key = net(), net()
+    key.load_state_dict(query.state_dict())
+    key.requires_grad_(False)
+    crops = [torch.randn(8, 3, 32, 32) for _ in range(2)] + [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    with torch.no_grad():  # hard negatives: at init every embedding looks alike, the loss is near log(1 + K)
+        queue = key([torch.randn(64, 3, 32, 32)]).T.contiguous()
+    optimizer = torch.optim.AdamW(query.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(12):
+        moco_v2.ema_update(list(key.parameters()), list(query.parameters()), 0.99)
+        q, k = moco_v2.moco_forward(query, key, crops, bn_splits=2)
+        loss = moco_v2.moco_loss(moco_v2.moco_logits(q, k, queue, 0.2), 3, 0.4, 0.6)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] > 3.5 and sum(losses[-3:]) / 3 < 0.6 * losses[0], losses
+
+
+def run_flags(data, out, *extra, local_crops=("--local-crops", "2")):
+    return ["--arch", "resnet18", "--data", data, "--output-dir", str(out), "--epochs", "1", "--batch-size", "4",
+            "--workers", "0", "--global-size", "32", *local_crops, "--queue-size", "64", "--log-every", "1", *extra]
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    monkeypatch.setattr(moco_v2, "build_backbone", lambda arch, **kw: TinyBackbone())
+
+
+def test_main_run_exports_and_refuses_bad_resume(image_folder, tmp_path, tiny):
+    out = tmp_path / "run"
+    modules = moco_v2.main(moco_v2.get_args_parser().parse_args(
+        run_flags(image_folder, out, "--export", str(tmp_path / "backbone.pth"))))
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert checkpoint["method"] == "moco" and checkpoint["epoch"] == 1 and checkpoint["step_in_epoch"] == 0
+    assert {"query_encoder", "key_encoder", "queue", "queue_ptr", "optimizer", "scaler", "settings", "args"} <= set(checkpoint)
+    assert checkpoint["queue"].shape == (128, 64) and checkpoint["queue_ptr"].item() == 4 * 4  # 4 steps x 4 keys
+    assert torch.equal(checkpoint["queue"], modules["queue"].queue)
+    query, key = checkpoint["query_encoder"], checkpoint["key_encoder"]
+    assert "backbone.net.0.weight" in query and query["head.mlp.0.weight"].shape == (2048, 16)  # linear_eval's contract
+    assert not torch.equal(query["head.mlp.0.weight"], key["head.mlp.0.weight"])  # the EMA lags
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    assert {"loss", "acc", "lr", "wd", "img_per_s"} <= set(record) and math.isfinite(record["loss"])
+    # --export writes the QUERY backbone (MoCo's encoder_q) with "backbone." stripped.
+    exported = torch.load(tmp_path / "backbone.pth")
+    assert set(exported) == set(TinyBackbone().state_dict())
+    assert torch.equal(exported["net.0.weight"], query["backbone.net.0.weight"])
+    assert not torch.equal(exported["net.0.weight"], key["backbone.net.0.weight"])
+    with pytest.raises(SystemExit, match="refusing to resume.*queue_size"):
+        moco_v2.main(moco_v2.get_args_parser().parse_args(run_flags(image_folder, out, "--queue-size", "128")))
+
+
+def test_resume_mid_epoch_restores_the_queue(image_folder, tmp_path, tiny, monkeypatch):
+    out = tmp_path / "run"
+    flags = run_flags(image_folder, out, "--epochs", "2", "--save-every", "2")  # 4 iterations / epoch
+    forward, calls = moco_v2.moco_forward, []
+
+    def crash_at_iteration_6(*a):
+        calls.append(1)
+        if len(calls) == 7:
+            raise RuntimeError("simulated crash")
+        return forward(*a)
+
+    monkeypatch.setattr(moco_v2, "moco_forward", crash_at_iteration_6)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        moco_v2.main(moco_v2.get_args_parser().parse_args(flags))
+    saved = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2) and saved["queue_ptr"].item() == 6 * 4
+    assert not torch.equal(saved["queue"], moco_v2.MoCoQueue(128, 64).queue)
+
+    monkeypatch.setattr(moco_v2, "moco_forward", forward)
+    enqueue, before_first = moco_v2.MoCoQueue.enqueue, []
+
+    def record(self, keys):
+        if not before_first:
+            before_first.append((self.queue.clone(), self.ptr.clone()))
+        enqueue(self, keys)
+
+    monkeypatch.setattr(moco_v2.MoCoQueue, "enqueue", record)
+    modules = moco_v2.main(moco_v2.get_args_parser().parse_args(flags))
+    queue, ptr = before_first[0]
+    assert torch.equal(queue, saved["queue"].float()) and ptr.item() == 6 * 4  # resumed exactly
+    assert modules["queue"].ptr.item() == 8 * 4 % 64 and torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 2
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(image_folder, tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(moco_v2, "moco_loss", lambda logits, *a: logits.sum() * float("nan"))
+    with pytest.raises(SystemExit, match="non-finite loss at iteration 0"):
+        moco_v2.main(moco_v2.get_args_parser().parse_args(run_flags(image_folder, tmp_path / "nan")))
+    assert not (tmp_path / "nan" / "checkpoint.pth").exists()
+
+
+def test_classic_recipe_runs_two_views_with_sgd(image_folder, tmp_path, tiny, monkeypatch):
+    forward, n_crops = moco_v2.moco_forward, []
+    monkeypatch.setattr(moco_v2, "moco_forward", lambda q, k, crops, s: n_crops.append(len(crops)) or forward(q, k, crops, s))
+    out = tmp_path / "classic"
+    flags = run_flags(image_folder, out, "--recipe", "classic", "--epochs", "2", local_crops=())  # the recipe's 0
+    moco_v2.main(moco_v2.get_args_parser().parse_args(flags))
+    assert n_crops == [2] * 8  # query = one view, key = the other; no locals
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
+    groups = checkpoint["optimizer"]["param_groups"]
+    assert len(groups) == 1 and "nesterov" in groups[0]  # SGD, one group: decay on BN and biases too
+    assert groups[0]["momentum"] == 0.9 and groups[0]["weight_decay"] == 1e-4
+    assert checkpoint["query_encoder"]["head.mlp.0.weight"].shape == (16, 16)  # Linear(feat, feat)
+    lrs = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([0.03 * 4 / 256, 0.03 * 4 / 256 * 0.5])  # per-epoch cosine, no warm-up
+
+
+def test_torchrun_two_cpu_processes_share_keys_and_end_identical(image_folder, tmp_path):
+    flags = run_flags(image_folder, tmp_path / "ddp", "--batch-size", "2")  # 16 images: 4 steps of 2 x 2
+    ranks, result = run_torchrun("moco_v2", tmp_path / "state", flags)
+    assert "world 2" in result.stdout
+    # Weights agree bit for bit; BN running statistics need not (SyncBatchNorm needs CUDA).
+    for name in ("query_encoder", "key_encoder", "queue"):
+        for key, value in ranks[0][name].items():
+            if "running_" not in key and "num_batches_tracked" not in key:
+                assert torch.equal(value, ranks[1][name][key]), f"{name}.{key} differs between ranks"
+    # Both ranks' keys went in: 4 steps x global batch 4 columns, the rest is still the init.
+    queue, initial = ranks[0]["queue"]["queue"], moco_v2.MoCoQueue(128, 64).queue
+    assert ranks[0]["queue"]["ptr"].item() == 4 * 4
+    assert not torch.isclose(queue[:, :16], initial[:, :16]).all(0).any() and torch.equal(queue[:, 16:], initial[:, 16:])
