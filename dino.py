@@ -12,8 +12,6 @@ the crops and the loss weights (views.py); every number below is the paper's (sp
 """
 import argparse
 import json
-import math
-import os
 import time
 
 import torch
@@ -223,17 +221,9 @@ def main(args):
     # ============ student and teacher ============
     student = build_dino_net(args, drop_path=args.drop_path)
     teacher = build_dino_net(args, drop_path=0.0)  # the teacher has no stochastic depth
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
-    if has_bn and run.world > 1 and run.device.type == "cuda":
-        # BN statistics over the global batch, for the teacher too (it runs in train mode).
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-    elif has_bn and run.world > 1:
-        log("note: SyncBatchNorm needs CUDA; BN statistics stay per process on the CPU")
-    memory_format = torch.channels_last if (run.device.type == "cuda" and not args.arch.startswith("vit")) \
-        else torch.contiguous_format
-    student = student.to(run.device, memory_format=memory_format)
-    teacher = teacher.to(run.device, memory_format=memory_format)
+    # SyncBN for the teacher too: it runs in train mode, its BN uses batch statistics.
+    student, memory_format = training.to_device(student, run, args.arch)
+    teacher, _ = training.to_device(teacher, run, args.arch)
     # DDP broadcasts rank 0's student to every rank; the teacher starts as a copy of that student.
     student_ddp = nn.parallel.DistributedDataParallel(student) if run.world > 1 else student
     teacher.load_state_dict(student.state_dict())
@@ -242,13 +232,7 @@ def main(args):
                          args.center_momentum).to(run.device)
 
     # ============ optimizer and schedules (one value per iteration) ============
-    groups = training.param_groups(student)
-    if args.optimizer == "lars":
-        optimizer = training.LARS(groups)
-    elif args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9)
-    else:
-        optimizer = torch.optim.AdamW(groups, fused=run.device.type == "cuda")
+    optimizer = training.build_optimizer(args.optimizer, training.param_groups(student), run)
     scaler = training.grad_scaler(run, args.amp)
     warmup_epochs = training.clamp_warmup("--warmup-epochs", args.warmup_epochs, args.epochs, log)
     args.warmup_teacher_temp_epochs = training.clamp_warmup(
@@ -282,11 +266,6 @@ def main(args):
                 student=student.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
                 scaler=scaler.state_dict(), dino_loss=dino_loss.state_dict(),
                 epoch=epoch, step_in_epoch=step_in_epoch), checkpoint_path)
-
-    def check_finite(loss_sum, it):
-        if not math.isfinite(loss_sum.item()):
-            raise SystemExit(f"non-finite loss at iteration {it} (epoch {it // iters_per_epoch}); stopping. "
-                             f"The last good checkpoint is kept in {checkpoint_path}. Try --amp off or a lower --lr.")
 
     json_log = training.JsonLog(args.output_dir, run)
     for epoch in range(start_epoch, args.epochs):
@@ -326,28 +305,22 @@ def main(args):
             steps_done += 1
             progress.update(1)
             if steps_done % args.log_every == 0 or i + 1 == iters_per_epoch:
-                check_finite(loss_sum, it)  # one host sync per log step, not per step
-                images_per_s = steps_done * args.batch_size * run.world / (time.time() - epoch_start)
+                training.stop_if_not_finite(loss_sum, it, iters_per_epoch, checkpoint_path)  # one host sync per log step, not per step
                 progress.set_postfix(loss=f"{loss_sum.item() / steps_done:.4f}", lr=f"{lr_schedule[it]:.2e}",
-                                     img_s=f"{images_per_s:.0f}")
+                                     img_s=training.images_per_second(steps_done, args, run, epoch_start))
             if args.save_every and (it + 1) % args.save_every == 0 and i + 1 < iters_per_epoch:
-                check_finite(loss_sum, it)
+                training.stop_if_not_finite(loss_sum, it, iters_per_epoch, checkpoint_path)
                 save(epoch, i + 1)
         progress.close()
 
         # ============ end of epoch: log, monitor, checkpoint ============
         loss_mean = training.all_reduce_sum(loss_sum.clone()) / (max(steps_done, 1) * run.world)
-        check_finite(loss_mean, it)
+        training.stop_if_not_finite(loss_mean, it, iters_per_epoch, checkpoint_path)
         record = dict(epoch=epoch + 1, loss=loss_mean.item(), lr=lr_schedule[it],
                       wd=wd_schedule[it], teacher_temp=teacher_temps[epoch], momentum=momentum_schedule[it],
-                      img_per_s=round(steps_done * args.batch_size * run.world / (time.time() - epoch_start), 1),
+                      img_per_s=training.images_per_second(steps_done, args, run, epoch_start),
                       epoch_time_s=round(time.time() - epoch_start, 1))
-        if args.eval_data and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            if run.main:
-                from linear_eval import knn_monitor
-                record.update(knn_monitor(teacher.backbone, args.eval_data, args.global_size, run.device))
-            if training.distributed():
-                dist.barrier()
+        record.update(training.knn_eval_if_due(teacher.backbone, args, run, epoch))
         log(json.dumps(record))
         json_log.write(**record)
         save(epoch + 1, 0)

@@ -14,7 +14,6 @@ paper's unless a flag overrides it. Output: <output-dir>/{args.json, log.jsonl, 
 """
 import argparse
 import json
-import math
 import time
 
 import torch
@@ -249,20 +248,12 @@ def main(args):
     # ============ query and key encoders, queue ============
     query_encoder, key_encoder = build_moco_net(args), build_moco_net(args)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in query_encoder.modules())
-    if has_bn and run.world > 1 and run.device.type == "cuda":
-        # The paper converts both encoders to SyncBN and still shuffles (spec §2.2, §6.3).
-        query_encoder = nn.SyncBatchNorm.convert_sync_batchnorm(query_encoder)
-        if args.key_sync_bn:
-            key_encoder = nn.SyncBatchNorm.convert_sync_batchnorm(key_encoder)
-    elif has_bn and run.world > 1:
-        log("note: SyncBatchNorm needs CUDA; BN statistics stay per process on the CPU")
     bn_splits = 0  # keys: no BN, nothing to guard
     if has_bn:  # one process: split-BN; torchrun: shuffle-BN across ranks (bn_splits unused)
         bn_splits = clamp_bn_splits(args.bn_splits, args.batch_size, log) if run.world == 1 else 1
-    memory_format = torch.channels_last if (run.device.type == "cuda" and not args.arch.startswith("vit")) \
-        else torch.contiguous_format
-    query_encoder = query_encoder.to(run.device, memory_format=memory_format)
-    key_encoder = key_encoder.to(run.device, memory_format=memory_format)
+    # The paper converts both encoders to SyncBN and still shuffles (spec §2.2, §6.3).
+    query_encoder, memory_format = training.to_device(query_encoder, run, args.arch)
+    key_encoder, _ = training.to_device(key_encoder, run, args.arch, sync_bn=bool(args.key_sync_bn))
     # DDP broadcasts rank 0's query encoder; the key encoder starts as a copy of it and is not
     # DDP-wrapped (it gets no gradient: it is an EMA of the query encoder).
     query_ddp = nn.parallel.DistributedDataParallel(query_encoder) if run.world > 1 else query_encoder
@@ -275,12 +266,7 @@ def main(args):
         groups = [dict(params=list(query_encoder.parameters()), wd_factor=1.0, lars_exclude=False)]
     else:
         groups = training.param_groups(query_encoder)
-    if args.optimizer == "lars":
-        optimizer = training.LARS(groups)
-    elif args.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9)
-    else:
-        optimizer = torch.optim.AdamW(groups, fused=run.device.type == "cuda")
+    optimizer = training.build_optimizer(args.optimizer, groups, run)
     scaler = training.grad_scaler(run, args.amp)
     warmup_epochs = training.clamp_warmup("--warmup-epochs", args.warmup_epochs, args.epochs, log)
     peak_lr = args.lr * args.batch_size * run.world / 256
@@ -313,11 +299,6 @@ def main(args):
                 query_encoder=query_encoder.state_dict(), key_encoder=key_encoder.state_dict(),
                 queue=memory.queue, queue_ptr=memory.ptr, optimizer=optimizer.state_dict(),
                 scaler=scaler.state_dict(), epoch=epoch, step_in_epoch=step_in_epoch), checkpoint_path)
-
-    def check_finite(loss_sum, it):
-        if not math.isfinite(loss_sum.item()):
-            raise SystemExit(f"non-finite loss at iteration {it} (epoch {it // iters_per_epoch}); stopping. "
-                             f"The last good checkpoint is kept in {checkpoint_path}. Try --amp off or a lower --lr.")
 
     json_log = training.JsonLog(args.output_dir, run)
     for epoch in range(start_epoch, args.epochs):
@@ -354,28 +335,22 @@ def main(args):
             steps_done += 1
             progress.update(1)
             if steps_done % args.log_every == 0 or i + 1 == iters_per_epoch:
-                check_finite(loss_sum, it)  # one host sync per log step, not per step
-                images_per_s = steps_done * args.batch_size * run.world / (time.time() - epoch_start)
+                training.stop_if_not_finite(loss_sum, it, iters_per_epoch, checkpoint_path)  # one host sync per log step, not per step
                 progress.set_postfix(loss=f"{loss_sum.item() / steps_done:.4f}", lr=f"{lr_schedule[it]:.2e}",
-                                     img_s=f"{images_per_s:.0f}")
+                                     img_s=training.images_per_second(steps_done, args, run, epoch_start))
             if args.save_every and (it + 1) % args.save_every == 0 and i + 1 < iters_per_epoch:
-                check_finite(loss_sum, it)
+                training.stop_if_not_finite(loss_sum, it, iters_per_epoch, checkpoint_path)
                 save(epoch, i + 1)
         progress.close()
 
         # ============ end of epoch: log, monitor, checkpoint ============
         sums = training.all_reduce_sum(torch.stack([loss_sum, acc_sum])) / (max(steps_done, 1) * run.world)
-        check_finite(sums[0], it)
+        training.stop_if_not_finite(sums[0], it, iters_per_epoch, checkpoint_path)
         record = dict(epoch=epoch + 1, loss=sums[0].item(), acc=sums[1].item(), lr=lr_schedule[it],
                       wd=args.weight_decay, momentum=args.momentum,
-                      img_per_s=round(steps_done * args.batch_size * run.world / (time.time() - epoch_start), 1),
+                      img_per_s=training.images_per_second(steps_done, args, run, epoch_start),
                       epoch_time_s=round(time.time() - epoch_start, 1))
-        if args.eval_data and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            if run.main:  # MoCo is evaluated on the query encoder (spec §4: encoder_q)
-                from linear_eval import knn_monitor
-                record.update(knn_monitor(query_encoder.backbone, args.eval_data, args.global_size, run.device))
-            if training.distributed():
-                dist.barrier()
+        record.update(training.knn_eval_if_due(query_encoder.backbone, args, run, epoch))
         log(json.dumps(record))
         json_log.write(**record)
         save(epoch + 1, 0)

@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import os
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -475,3 +476,54 @@ def export_backbone(state_dict, path, arch):
 
 def format_args(args):
     return "\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the training loop that are the same in every method
+# ----------------------------------------------------------------------------------------------
+
+def to_device(model, run, arch, sync_bn=True):
+    """SyncBatchNorm when several CUDA processes run (BN statistics over the global batch; it
+    needs CUDA, so CPU processes keep their own), channels_last for CNNs on CUDA.
+    Returns (model, memory_format): the crops must use the same memory format."""
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if sync_bn and has_bn and run.world > 1 and run.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    channels_last = run.device.type == "cuda" and not arch.startswith("vit")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return model.to(run.device, memory_format=memory_format), memory_format
+
+
+def build_optimizer(name, groups, run):
+    """lars (CNNs, spec §2.0), adamw (ViT; fused kernel on CUDA) or sgd with momentum 0.9.
+    lr and weight decay are set every iteration from the schedules."""
+    if name == "lars":
+        return LARS(groups)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+    return torch.optim.AdamW(groups, fused=run.device.type == "cuda")
+
+
+def stop_if_not_finite(loss_sum, it, iters_per_epoch, checkpoint_path):
+    """One host sync. Called at log steps and before every save, so a checkpoint never holds
+    weights that produced a non-finite loss."""
+    if not math.isfinite(loss_sum.item()):
+        raise SystemExit(f"non-finite loss at iteration {it} (epoch {it // iters_per_epoch}); stopping. "
+                         f"The last good checkpoint is kept in {checkpoint_path}. Try --amp off or a lower --lr.")
+
+
+def knn_eval_if_due(backbone, args, run, epoch):
+    """kNN accuracy of `backbone` (not DDP-wrapped) every --eval-every epochs and at the end, on
+    rank 0 while the others wait. {} when not due or without --eval-data."""
+    due = args.eval_data and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs)
+    result = {}
+    if due and run.main:
+        from linear_eval import knn_monitor
+        result = knn_monitor(backbone, args.eval_data, args.global_size, run.device)
+    if due and distributed():
+        dist.barrier()
+    return result
+
+
+def images_per_second(steps, args, run, start_time):
+    return round(steps * args.batch_size * run.world / (time.time() - start_time), 1)
