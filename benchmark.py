@@ -57,6 +57,9 @@ def benchmark_step(args, passthrough):
         flags = ["--arch", args.arch, "--recipe", args.recipe, "--batch-size", str(args.batch_size),
                  "--amp", args.amp, "--epochs", "2", "--workers", "0", "--output-dir", output_dir,
                  "--log-every", str(args.log_every), "--device", args.device] + passthrough
+        for flag, value in (("--global-size", args.global_size), ("--local-crops", args.local_crops)):
+            if value is not None:
+                flags += [flag, str(value)]
         method_args = method.get_args_parser().parse_args(flags)
         state = {}
 
@@ -105,12 +108,14 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=50, help="timed steps (step mode: also the warm-up epoch's)")
     parser.add_argument("--warmup", type=int, default=5, help="data mode: untimed batches first")
+    parser.add_argument("--global-size", type=int, default=None, help="224 (the local size follows)")
+    parser.add_argument("--local-crops", type=int, default=None, help="6 for CNNs, 10 for ViT-Tiny in the paper")
     parser.add_argument("--log-every", type=int, default=50)
     parser.add_argument("--data", default="synthetic", help="data mode: the image folder to read")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="data mode: loader processes")
     parser.add_argument("--json", default=None, help="append the result as one JSON line to this file")
     args, passthrough = parser.parse_known_args()  # unknown flags go to the method (e.g. --local-crops 10)
-    for name in ("global_size", "local_size", "local_crops", "global_scale", "local_scale", "loss_weights"):
+    for name in ("local_size", "global_scale", "local_scale", "loss_weights"):  # the recipe's own values
         setattr(args, name, None)
     result = benchmark_step(args, passthrough) if args.mode == "step" else benchmark_data(args)
     print(json.dumps(result))
