@@ -303,7 +303,8 @@ def main(args):
             steps_done += 1
             progress.update(1)
             if steps_done % args.log_every == 0 or i + 1 == iters_per_epoch:
-                training.stop_if_not_finite(loss_sum, it, iters_per_epoch, checkpoint_path)  # one host sync per log step, not per step
+                # One host sync per log step, not per step.
+                training.stop_if_not_finite(loss_sum, it, iters_per_epoch, checkpoint_path)
                 progress.set_postfix(loss=f"{loss_sum.item() / steps_done:.4f}", lr=f"{lr_schedule[it]:.2e}",
                                      img_s=training.images_per_second(steps_done, args, run, epoch_start))
             if args.save_every and (it + 1) % args.save_every == 0 and i + 1 < iters_per_epoch:
