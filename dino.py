@@ -12,13 +12,11 @@ the crops and the loss weights (views.py); every number below is the paper's (sp
 """
 import argparse
 import json
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import training
 from backbones import build_backbone, multicrop_features
@@ -273,10 +271,7 @@ def main(args):
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = start_step
         student.train(), teacher.train()  # the teacher stays in train mode: its BN uses batch stats
-        loss_sum = torch.zeros((), device=run.device)
-        steps_done, epoch_start = 0, time.time()
-        progress = tqdm(total=iters_per_epoch, initial=start_step, disable=not run.main,
-                        desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
+        progress = training.EpochProgress(args, run, epoch, start_step, iters_per_epoch, checkpoint_path)
         for i, (crops, _) in enumerate(loader, start=start_step):
             it = epoch * iters_per_epoch + i  # global iteration: index into the schedules
             for group in optimizer.param_groups:
@@ -301,26 +296,12 @@ def main(args):
             scaler.update()
             ema_update(teacher_params, student_params, momentum_schedule[it])
 
-            loss_sum += loss.detach()
-            steps_done += 1
-            progress.update(1)
-            if steps_done % args.log_every == 0 or i + 1 == iters_per_epoch:
-                # One host sync per log step, not per step.
-                training.stop_if_not_finite(loss_sum, it, iters_per_epoch, checkpoint_path)
-                progress.set_postfix(loss=f"{loss_sum.item() / steps_done:.4f}", lr=f"{lr_schedule[it]:.2e}",
-                                     img_s=training.images_per_second(steps_done, args, run, epoch_start))
-            if args.save_every and (it + 1) % args.save_every == 0 and i + 1 < iters_per_epoch:
-                training.stop_if_not_finite(loss_sum, it, iters_per_epoch, checkpoint_path)
+            if progress.update(it, lr_schedule[it], loss=loss):
                 save(epoch, i + 1)
-        progress.close()
 
         # ============ end of epoch: log, monitor, checkpoint ============
-        loss_mean = training.all_reduce_sum(loss_sum.clone()) / (max(steps_done, 1) * run.world)
-        training.stop_if_not_finite(loss_mean, it, iters_per_epoch, checkpoint_path)
-        record = dict(epoch=epoch + 1, loss=loss_mean.item(), lr=lr_schedule[it],
-                      wd=wd_schedule[it], teacher_temp=teacher_temps[epoch], momentum=momentum_schedule[it],
-                      img_per_s=training.images_per_second(steps_done, args, run, epoch_start),
-                      epoch_time_s=round(time.time() - epoch_start, 1))
+        record = dict(epoch=epoch + 1, **progress.close(it), lr=lr_schedule[it], wd=wd_schedule[it],
+                      teacher_temp=teacher_temps[epoch], momentum=momentum_schedule[it])
         record.update(training.knn_eval_if_due(teacher.backbone, args, run, epoch))
         log(json.dumps(record))
         json_log.write(**record)

@@ -14,13 +14,11 @@ paper's unless a flag overrides it. Output: <output-dir>/{args.json, log.jsonl, 
 """
 import argparse
 import json
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import training
 from backbones import build_backbone, multicrop_features
@@ -306,10 +304,7 @@ def main(args):
         loader.sampler.set_epoch(epoch)
         loader.sampler.skip_batches = start_step
         query_encoder.train(), key_encoder.train()  # the key encoder's BN uses (shuffled) batch stats
-        loss_sum, acc_sum = torch.zeros((), device=run.device), torch.zeros((), device=run.device)
-        steps_done, epoch_start = 0, time.time()
-        progress = tqdm(total=iters_per_epoch, initial=start_step, disable=not run.main,
-                        desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
+        progress = training.EpochProgress(args, run, epoch, start_step, iters_per_epoch, checkpoint_path)
         for i, (crops, _) in enumerate(loader, start=start_step):
             it = epoch * iters_per_epoch + i  # global iteration: index into the schedules
             for group in optimizer.param_groups:
@@ -330,27 +325,13 @@ def main(args):
             # After backward: the matmul above saved the queue, an in-place write before would break it.
             memory.enqueue(training.concat_all_gather(k))  # every rank's keys, in rank order
 
-            loss_sum += loss.detach()
-            acc_sum += (logits.detach().argmax(1) == 0).float().mean()  # instance-discrimination top-1
-            steps_done += 1
-            progress.update(1)
-            if steps_done % args.log_every == 0 or i + 1 == iters_per_epoch:
-                # One host sync per log step, not per step.
-                training.stop_if_not_finite(loss_sum, it, iters_per_epoch, checkpoint_path)
-                progress.set_postfix(loss=f"{loss_sum.item() / steps_done:.4f}", lr=f"{lr_schedule[it]:.2e}",
-                                     img_s=training.images_per_second(steps_done, args, run, epoch_start))
-            if args.save_every and (it + 1) % args.save_every == 0 and i + 1 < iters_per_epoch:
-                training.stop_if_not_finite(loss_sum, it, iters_per_epoch, checkpoint_path)
+            accuracy = (logits.detach().argmax(1) == 0).float().mean()  # instance discrimination top-1
+            if progress.update(it, lr_schedule[it], loss=loss, acc=accuracy):
                 save(epoch, i + 1)
-        progress.close()
 
         # ============ end of epoch: log, monitor, checkpoint ============
-        sums = training.all_reduce_sum(torch.stack([loss_sum, acc_sum])) / (max(steps_done, 1) * run.world)
-        training.stop_if_not_finite(sums[0], it, iters_per_epoch, checkpoint_path)
-        record = dict(epoch=epoch + 1, loss=sums[0].item(), acc=sums[1].item(), lr=lr_schedule[it],
-                      wd=args.weight_decay, momentum=args.momentum,
-                      img_per_s=training.images_per_second(steps_done, args, run, epoch_start),
-                      epoch_time_s=round(time.time() - epoch_start, 1))
+        record = dict(epoch=epoch + 1, **progress.close(it), lr=lr_schedule[it], wd=args.weight_decay,
+                      momentum=args.momentum)
         record.update(training.knn_eval_if_due(query_encoder.backbone, args, run, epoch))
         log(json.dumps(record))
         json_log.write(**record)

@@ -13,13 +13,11 @@ Output: <output-dir>/{args.json, log.jsonl, checkpoint.pth}; the checkpoint hold
 """
 import argparse
 import json
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import training
 from backbones import build_backbone, multicrop_features
@@ -271,10 +269,7 @@ def main(args):
             queue = EmbeddingQueue(rows, args.feat_dim).to(run.device)
             log(f"queue started: {rows} x {run.world} embeddings per global crop; used once full")
         model.train()
-        loss_sum = torch.zeros((), device=run.device)
-        steps_done, epoch_start = 0, time.time()
-        progress = tqdm(total=iters_per_epoch, initial=start_step, disable=not run.main,
-                        desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
+        progress = training.EpochProgress(args, run, epoch, start_step, iters_per_epoch, checkpoint_path)
         for i, (crops, _) in enumerate(loader, start=start_step):
             it = epoch * iters_per_epoch + i  # global iteration: index into the schedule
             for group in optimizer.param_groups:
@@ -299,26 +294,12 @@ def main(args):
             scaler.step(optimizer)
             scaler.update()
 
-            loss_sum += loss.detach()
-            steps_done += 1
-            progress.update(1)
-            if steps_done % args.log_every == 0 or i + 1 == iters_per_epoch:
-                # One host sync per log step, not per step.
-                training.stop_if_not_finite(loss_sum, it, iters_per_epoch, checkpoint_path)
-                progress.set_postfix(loss=f"{loss_sum.item() / steps_done:.4f}", lr=f"{lr_schedule[it]:.2e}",
-                                     img_s=training.images_per_second(steps_done, args, run, epoch_start))
-            if args.save_every and (it + 1) % args.save_every == 0 and i + 1 < iters_per_epoch:
-                training.stop_if_not_finite(loss_sum, it, iters_per_epoch, checkpoint_path)
+            if progress.update(it, lr_schedule[it], loss=loss):
                 save(epoch, i + 1)
-        progress.close()
 
         # ============ end of epoch: log, monitor, checkpoint ============
-        loss_mean = training.all_reduce_sum(loss_sum.clone()) / (max(steps_done, 1) * run.world)
-        training.stop_if_not_finite(loss_mean, it, iters_per_epoch, checkpoint_path)
-        record = dict(epoch=epoch + 1, loss=loss_mean.item(), lr=lr_schedule[it], wd=args.weight_decay,
-                      queue_active=queue is not None and queue.active,
-                      img_per_s=training.images_per_second(steps_done, args, run, epoch_start),
-                      epoch_time_s=round(time.time() - epoch_start, 1))
+        record = dict(epoch=epoch + 1, **progress.close(it), lr=lr_schedule[it], wd=args.weight_decay,
+                      queue_active=queue is not None and queue.active)
         record.update(training.knn_eval_if_due(model.backbone, args, run, epoch))
         log(json.dumps(record))
         json_log.write(**record)

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torchvision
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 import views
 
@@ -525,5 +526,42 @@ def knn_eval_if_due(backbone, args, run, epoch):
     return result
 
 
-def images_per_second(steps, args, run, start_time):
-    return round(steps * args.batch_size * run.world / (time.time() - start_time), 1)
+class EpochProgress:
+    """One epoch's bookkeeping, the same for every method: running sums of the step metrics kept
+    on the device (no host sync per step), a tqdm bar on rank 0 with loss, lr and img/s every
+    --log-every steps, and the non-finite-loss stop before anything is logged or saved."""
+
+    def __init__(self, args, run, epoch, start_step, iters_per_epoch, checkpoint_path):
+        self.args, self.run, self.iters, self.checkpoint_path = args, run, iters_per_epoch, checkpoint_path
+        self.sums, self.steps, self.start = {}, 0, time.time()
+        self.bar = tqdm(total=iters_per_epoch, initial=start_step, disable=not run.main,
+                        desc=f"epoch {epoch + 1}/{args.epochs}", dynamic_ncols=True)
+
+    def images_per_second(self):
+        return round(self.steps * self.args.batch_size * self.run.world / (time.time() - self.start), 1)
+
+    def update(self, it, lr, **metrics):
+        """After each step; metrics are 0-dim tensors, `loss` first. Returns True when a
+        --save-every checkpoint is due (the loss so far is checked first)."""
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value.detach().float()
+        self.steps += 1
+        self.bar.update(1)
+        last_of_epoch = (it + 1) % self.iters == 0
+        if self.steps % self.args.log_every == 0 or last_of_epoch:
+            stop_if_not_finite(self.sums["loss"], it, self.iters, self.checkpoint_path)  # the one host sync
+            self.bar.set_postfix(loss=f"{self.sums['loss'].item() / self.steps:.4f}", lr=f"{lr:.2e}",
+                                 img_s=self.images_per_second())
+        save_due = bool(self.args.save_every) and (it + 1) % self.args.save_every == 0 and not last_of_epoch
+        if save_due:
+            stop_if_not_finite(self.sums["loss"], it, self.iters, self.checkpoint_path)
+        return save_due
+
+    def close(self, it):
+        """-> {metric: mean over the epoch's steps and all processes, img_per_s, epoch_time_s}."""
+        self.bar.close()
+        names = list(self.sums)
+        means = all_reduce_sum(torch.stack([self.sums[n] for n in names])) / (self.steps * self.run.world)
+        stop_if_not_finite(means[0], it, self.iters, self.checkpoint_path)
+        return dict(zip(names, means.tolist()), img_per_s=self.images_per_second(),
+                    epoch_time_s=round(time.time() - self.start, 1))
