@@ -213,7 +213,7 @@ def main(args):
     # ============ data ============
     dataset = training.build_dataset(args.data, MultiCropTransform(recipe))
     loader = training.build_train_loader(dataset, args, run)
-    iters_per_epoch = len(loader)
+    iters_per_epoch = args.iters_per_epoch = len(loader)  # a resume must see the same count
     log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {args.batch_size} x {run.world}")
 
     # ============ student and teacher ============

@@ -424,7 +424,8 @@ def save_checkpoint(state, path):
 
 
 # Settings whose change would silently shift schedules or shapes on resume.
-RESUME_KEYS = ("arch", "epochs", "global_batch", "recipe", "local_crops", "global_size", "local_size")
+RESUME_KEYS = ("arch", "epochs", "global_batch", "iters_per_epoch", "recipe", "local_crops", "global_size",
+               "local_size")
 
 
 def load_for_resume(path, args, run, extra_keys=()):

@@ -169,6 +169,9 @@ def test_main_run_freezes_last_layer_exports_and_refuses_bad_resume(image_folder
     assert missing == ["fc.weight", "fc.bias"] and unexpected == []
     with pytest.raises(SystemExit, match="refusing to resume.*epochs"):
         dino.main(dino.get_args_parser().parse_args(small_run_flags(image_folder, out, "--epochs", "3")))
+    smaller = make_image_folder(tmp_path / "smaller", n_per_class=4)  # 8 images: 2 iterations, not 4
+    with pytest.raises(SystemExit, match="refusing to resume.*iters_per_epoch: checkpoint 4 vs now 2"):
+        dino.main(dino.get_args_parser().parse_args(small_run_flags(smaller, out)))
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(image_folder, tmp_path, monkeypatch):
