@@ -149,8 +149,9 @@ class DINOLoss(nn.Module):
         # (views, batch, K): row v * B + b of the outputs is image b seen in view v.
         student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).unflatten(0, (n_views, -1))
         teacher_p = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().unflatten(0, (2, -1))
-        # ce[t, v] = mean over the batch of -sum_k p_teacher(view t) * log p_student(view v)
-        ce = -torch.einsum("tbk,vbk->tv", teacher_p, student_logp) / teacher_p.shape[1]
+        # ce[t, v] = mean over the batch of -sum_k p_teacher(view t) * log p_student(view v).
+        # Elementwise in fp32, as DINO: a matmul here would run in bf16 under autocast (or TF32).
+        ce = torch.stack([-(teacher_p[t] * student_logp).sum(-1).mean(-1) for t in range(2)])
         global_global = (ce[0, 1] + ce[1, 0]) / 2
         if self.local_crops == 0:
             loss = global_global
@@ -250,7 +251,8 @@ def main(args):
         student.load_state_dict(checkpoint["student"])
         teacher.load_state_dict(checkpoint["teacher"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["scaler"]:  # empty unless saved under --amp fp16 (switching --amp is allowed)
+            scaler.load_state_dict(checkpoint["scaler"])
         dino_loss.load_state_dict(checkpoint["dino_loss"])
         start_epoch, start_step = checkpoint["epoch"], checkpoint["step_in_epoch"]
         log(f"resumed from {checkpoint_path}: epoch {start_epoch}, step {start_step} of {iters_per_epoch}")

@@ -194,17 +194,18 @@ def num_classes_of(dataset, labels=None):
 _EVAL_SETS = {}  # (eval_data, global_size) -> (bank, val): the folders are scanned once per run
 
 
-def knn_monitor(backbone, eval_data, global_size, device, batch_size=256, workers=0, k=20, temperature=0.07):
-    """kNN top-1/top-5 of an unwrapped `backbone` on centre crops, train bank -> val. Rank 0 only."""
-    device = torch.device(device)
+def knn_monitor(backbone, eval_data, global_size, run, batch_size=256, workers=0, amp="off", k=20, temperature=0.07):
+    """kNN top-1/top-5 of an unwrapped `backbone` on centre crops, train bank -> val. Called by every
+    rank: each extracts the features of its shard of the images, all-gathered, so no rank idles
+    into the NCCL timeout while one process reads the whole data set. Every rank gets the result."""
     key = (eval_data, global_size)
     if key not in _EVAL_SETS:
         _EVAL_SETS[key] = training.build_eval_datasets(eval_data, views.eval_transform(global_size))
     bank_set, val_set = _EVAL_SETS[key]
-    loader = lambda ds: DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda")
-    bank, bank_labels = extract_features(backbone, loader(bank_set), device)
-    val, val_labels = extract_features(backbone, loader(val_set), device)
-    top1, top5 = knn_classify(bank.to(device), bank_labels, val, val_labels,
+    options = argparse.Namespace(batch_size=batch_size, workers=workers, amp=amp)
+    bank, bank_labels = extract_all(backbone, bank_set, None, options, run, None)
+    val, val_labels = extract_all(backbone, val_set, None, options, run, None)
+    top1, top5 = knn_classify(bank.to(run.device), bank_labels, val, val_labels,
                               num_classes_of(bank_set, bank_labels), k, temperature)
     return dict(knn_top1=top1, knn_top5=top5)
 

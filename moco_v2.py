@@ -196,7 +196,7 @@ def moco_forward(query_encoder, key_encoder, crops, bn_splits):
     with torch.no_grad():
         if not bn_splits:
             k = key_encoder(crops[:1])
-        elif training.distributed():
+        elif training.distributed() and dist.get_world_size() > 1:
             k = shuffle_bn_keys(key_encoder, crops[0])
         else:
             k = split_bn_keys(key_encoder, crops[0], bn_splits)
@@ -284,7 +284,8 @@ def main(args):
         key_encoder.load_state_dict(checkpoint["key_encoder"])
         memory.load_state_dict(dict(queue=checkpoint["queue"], ptr=checkpoint["queue_ptr"]))
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["scaler"]:  # empty unless saved under --amp fp16 (switching --amp is allowed)
+            scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, start_step = checkpoint["epoch"], checkpoint["step_in_epoch"]
         log(f"resumed from {checkpoint_path}: epoch {start_epoch}, step {start_step} of {iters_per_epoch}")
     else:

@@ -172,9 +172,9 @@ def swapped_prediction_loss(scores, codes, local_crops, alpha, beta, temperature
     ce[a, v] = mean over the batch of -sum_k q_a log softmax(scores_v / T): the code of global
     crop a predicted from crop v. gg: (0 <- 1), (1 <- 0); gl: each code from each local.
     With alpha = 1/(1+n_local) this is SwAV's sum over all (a, v != a) / (2 * (n_crops - 1))."""
-    logp = F.log_softmax(scores.float() / temperature, dim=1).chunk(2 + local_crops)
-    batch = codes[0].shape[0]
-    ce = -torch.einsum("abk,vbk->av", torch.stack(codes), torch.stack(logp)) / batch
+    logp = F.log_softmax(scores.float() / temperature, dim=1).unflatten(0, (2 + local_crops, -1))
+    # Elementwise in fp32 (a matmul would run in TF32 on CUDA): (2, n_crops) matrix of mean CEs.
+    ce = torch.stack([-(code * logp).sum(-1).mean(-1) for code in codes])
     global_global = (ce[0, 1] + ce[1, 0]) / 2
     if local_crops == 0:
         return global_global
@@ -237,7 +237,8 @@ def main(args):
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["scaler"]:  # empty unless saved under --amp fp16 (switching --amp is allowed)
+            scaler.load_state_dict(checkpoint["scaler"])
         start_epoch, start_step = checkpoint["epoch"], checkpoint["step_in_epoch"]
         saved_queue = checkpoint["queue"]  # (world, 2, rows, D) or None
         if saved_queue is not None and saved_queue.shape[:3] == (run.world, 2, rows):

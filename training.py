@@ -299,8 +299,9 @@ def concat_all_gather(tensor):
     """Concatenate `tensor` from every rank along dim 0 (no gradient)."""
     if not distributed():
         return tensor
+    tensor = tensor.contiguous()  # one plain layout for the sent and received buffers (not channels_last)
     out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, tensor.contiguous())
+    dist.all_gather(out, tensor)
     return torch.cat(out)
 
 
@@ -507,23 +508,20 @@ def build_optimizer(name, groups, run):
 
 def stop_if_not_finite(loss_sum, it, iters_per_epoch, checkpoint_path):
     """One host sync. Called at log steps and before every save, so a checkpoint never holds
-    weights that produced a non-finite loss."""
-    if not math.isfinite(loss_sum.item()):
+    weights that produced a non-finite loss. The sum is all-reduced first: every rank stops
+    together instead of leaving the others waiting in a collective."""
+    if not math.isfinite(all_reduce_sum(loss_sum.detach().clone()).item()):
         raise SystemExit(f"non-finite loss at iteration {it} (epoch {it // iters_per_epoch}); stopping. "
                          f"The last good checkpoint is kept in {checkpoint_path}. Try --amp off or a lower --lr.")
 
 
 def knn_eval_if_due(backbone, args, run, epoch):
-    """kNN accuracy of `backbone` (not DDP-wrapped) every --eval-every epochs and at the end, on
-    rank 0 while the others wait. {} when not due or without --eval-data."""
-    due = args.eval_data and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs)
-    result = {}
-    if due and run.main:
-        from linear_eval import knn_monitor
-        result = knn_monitor(backbone, args.eval_data, args.global_size, run.device)
-    if due and distributed():
-        dist.barrier()
-    return result
+    """kNN accuracy of `backbone` (not DDP-wrapped) every --eval-every epochs and at the end, with
+    every rank extracting its share of the features. {} when not due or without --eval-data."""
+    if not args.eval_data or ((epoch + 1) % args.eval_every and epoch + 1 != args.epochs):
+        return {}
+    from linear_eval import knn_monitor
+    return knn_monitor(backbone, args.eval_data, args.global_size, run, workers=args.workers, amp=args.amp)
 
 
 class EpochProgress:

@@ -214,3 +214,14 @@ def test_kill_during_training_then_resume(tmp_path):
     final = torch.load(checkpoint_path, weights_only=False)
     assert final["epoch"] == 2 and final["step_in_epoch"] == 0
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_loss_stays_float32_under_autocast():
+    # The CE between teacher and student must not run as a bf16 matmul under AMP (DINO computes it
+    # elementwise in fp32); checked with CPU autocast, which lowers matmuls the same way.
+    torch.manual_seed(0)
+    student, teacher = torch.randn(4 * 8, 512) * 3, torch.randn(2 * 8, 512) * 3
+    reference = dino.DINOLoss(512, 2, 0.4, 0.6)(student, teacher, 0.04)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp = dino.DINOLoss(512, 2, 0.4, 0.6)(student, teacher, 0.04)
+    assert under_amp.dtype == torch.float32 and under_amp.item() == pytest.approx(reference.item(), rel=1e-6)

@@ -123,7 +123,8 @@ def test_knn_monitor_on_an_image_folder(tmp_path):
                 shade = tuple(min(255, c + 10 * i) for c in colour)
                 Image.new("RGB", (40, 40), shade).save(tmp_path / split / name / f"{i}.png")
     mean_colour = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).train()
-    result = le.knn_monitor(mean_colour, str(tmp_path), 32, "cpu", batch_size=4, k=3)
+    run = training.Run(rank=0, world=1, device=torch.device("cpu"))
+    result = le.knn_monitor(mean_colour, str(tmp_path), 32, run, batch_size=4, k=3)
     assert result == {"knn_top1": 100.0, "knn_top5": 100.0}  # 2 classes: top-5 is top-2
     assert mean_colour.training
     # the same bank with swapped val labels: every prediction is wrong
