@@ -68,10 +68,16 @@ def add_common_args(parser, method, default_arch):
 
 
 def recipe_from_args(args, method):
-    return views.get_recipe(method, args.recipe, args.arch, global_size=args.global_size,
-                            local_size=args.local_size, local_crops=args.local_crops,
-                            global_scale=args.global_scale, local_scale=args.local_scale,
-                            loss_weights=args.loss_weights)
+    recipe = views.get_recipe(method, args.recipe, args.arch, global_size=args.global_size,
+                              local_size=args.local_size, local_crops=args.local_crops,
+                              global_scale=args.global_scale, local_scale=args.local_scale,
+                              loss_weights=args.loss_weights)
+    sizes = {recipe.global_size} | ({recipe.local_size} if recipe.local_crops else set())
+    if args.arch.startswith("vit") and any(size % 16 for size in sizes):
+        raise SystemExit(f"{args.arch} needs crop sizes that are multiples of its 16 px patches, got global "
+                         f"{recipe.global_size} / local {recipe.local_size}: use --global-size 224 or 112 "
+                         "(locals 96/128 or 48/64), or set --local-size")
+    return recipe
 
 
 # ----------------------------------------------------------------------------------------------

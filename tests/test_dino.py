@@ -225,3 +225,9 @@ def test_loss_stays_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_amp = dino.DINOLoss(512, 2, 0.4, 0.6)(student, teacher, 0.04)
     assert under_amp.dtype == torch.float32 and under_amp.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_vit_crop_sizes_must_fit_the_patches(tmp_path):
+    flags = ["--arch", "vit_tiny", "--global-size", "32", "--output-dir", str(tmp_path)]  # locals 18 px
+    with pytest.raises(SystemExit, match="multiples of its 16 px patches.*local 18"):
+        dino.main(dino.get_args_parser().parse_args(flags))
