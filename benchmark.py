@@ -73,11 +73,12 @@ def benchmark_step(args, passthrough):
         method.main(method_args)
         with open(os.path.join(output_dir, "log.jsonl")) as f:
             timed = [json.loads(line) for line in f][-1]
-    peak_gib = torch.cuda.max_memory_allocated() / 2**30 if state["device"].type == "cuda" else float("nan")
-    device_name = torch.cuda.get_device_name() if state["device"].type == "cuda" else "cpu"
+    on_cuda = state["device"].type == "cuda"
     result = dict(mode="step", method=args.method, arch=args.arch, recipe=args.recipe, views=describe(state["recipe"]),
-                  batch_size=args.batch_size, amp=args.amp, steps=args.steps, device=device_name,
-                  img_per_s=timed["img_per_s"], peak_memory_gib=round(peak_gib, 2), torch=torch.__version__)
+                  batch_size=args.batch_size, amp=args.amp if on_cuda else "off (CPU)", steps=args.steps,
+                  device=torch.cuda.get_device_name() if on_cuda else "cpu", img_per_s=timed["img_per_s"],
+                  peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if on_cuda else None,
+                  torch=torch.__version__)
     return result
 
 
