@@ -64,7 +64,7 @@ def benchmark_step(args, passthrough):
         state = {}
 
         def fake_loader(dataset, run_args, run):
-            recipe = training.recipe_from_args(run_args, "moco" if args.method == "moco" else args.method)
+            recipe = training.recipe_from_args(run_args, args.method)
             state["recipe"], state["device"] = recipe, run.device
             channels_last = run.device.type == "cuda" and not run_args.arch.startswith("vit")
             return DeviceCropLoader(recipe, run_args.batch_size, args.steps, run.device, channels_last)

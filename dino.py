@@ -203,7 +203,6 @@ def main(args):
     run = training.setup_run(args)
     resolve_defaults(args)
     recipe = training.recipe_from_args(args, "dino")
-    args.local_crops, args.global_size, args.local_size = recipe.local_crops, recipe.global_size, recipe.local_size
     alpha, beta = recipe.alpha_beta
     checkpoint_path = training.prepare_output_dir(args, "dino", run)
     log = print if run.main else (lambda *a, **k: None)

@@ -226,7 +226,6 @@ def main(args):
     run = training.setup_run(args)
     resolve_defaults(args)
     recipe = training.recipe_from_args(args, "moco")
-    args.local_crops, args.global_size, args.local_size = recipe.local_crops, recipe.global_size, recipe.local_size
     alpha, beta = recipe.alpha_beta
     n_queries = 1 + recipe.local_crops  # g2 + every local crop
     checkpoint_path = training.prepare_output_dir(args, "moco", run)

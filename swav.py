@@ -198,7 +198,6 @@ def queue_rows(args, run, log):
 def main(args):
     run = training.setup_run(args)
     recipe = training.recipe_from_args(args, "swav")
-    args.local_crops, args.global_size, args.local_size = recipe.local_crops, recipe.global_size, recipe.local_size
     alpha, beta = recipe.alpha_beta
     checkpoint_path = training.prepare_output_dir(args, "swav", run)
     log = print if run.main else (lambda *a, **k: None)

@@ -68,6 +68,8 @@ def add_common_args(parser, method, default_arch):
 
 
 def recipe_from_args(args, method):
+    """The view recipe of --recipe with every flag override applied. The resolved crop sizes and
+    count are written back into args: args.json, the resume check and the kNN monitor use them."""
     recipe = views.get_recipe(method, args.recipe, args.arch, global_size=args.global_size,
                               local_size=args.local_size, local_crops=args.local_crops,
                               global_scale=args.global_scale, local_scale=args.local_scale,
@@ -77,6 +79,7 @@ def recipe_from_args(args, method):
         raise SystemExit(f"{args.arch} needs crop sizes that are multiples of its 16 px patches, got global "
                          f"{recipe.global_size} / local {recipe.local_size}: use --global-size 224 or 112 "
                          "(locals 96/128 or 48/64), or set --local-size")
+    args.local_crops, args.global_size, args.local_size = recipe.local_crops, recipe.global_size, recipe.local_size
     return recipe
 
 
