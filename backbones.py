@@ -6,13 +6,16 @@
 
 CNNs are torchvision's own definitions with the classifier replaced by nn.Identity, so the
 parameter names stay torchvision's: a backbone state_dict loads into `torchvision.models.resnet18()`
-with only `fc.weight`/`fc.bias` missing (spec §3: the paper's ResNet/MobileNetV2 are equivalent to
-torchvision's, 7x7 stem, zero_init_residual False, width 1.0).
+with only `fc.weight`/`fc.bias` missing (SSLight's ResNet and MobileNetV2 are torchvision's: 7x7 stem,
+zero_init_residual False, width 1.0).
 
-The ViT is written here (DINO's ViT, spec §3): patch 16, CLS token taken after the final norm,
-learned position embeddings interpolated bicubically to any input that is a multiple of 16
-(224 -> 14x14 patches, 128 -> 8x8, 96 -> 6x6), stochastic depth, and `last_cls_tokens(x, n)` for
-the linear-probe protocol (spec §4.2: CLS of the last 4 blocks, each through the final norm).
+The ViT is written here (official DINO vision_transformer.py): patch 16, CLS token taken after the final
+norm, learned position embeddings interpolated bicubically to any input that is a multiple of 16
+(224 -> 14x14 patches, 128 -> 8x8, 96 -> 6x6), stochastic depth, and `last_cls_tokens(x, n)` for the
+ViT linear probe (paper §4: CLS of the last 4 blocks, each through the final norm).
+
+The facts a training script needs about an arch live here too: `is_vit`, `PATCH_SIZE`, `memory_format`
+(channels_last or not, per device) and `sync_batchnorm` (the one place BN becomes SyncBatchNorm).
 """
 import math
 
@@ -27,9 +30,31 @@ VIT_CONFIGS = {  # embed_dim, depth, heads (DINO's vit_tiny / vit_small)
     "vit_small": (384, 12, 6),
 }
 ARCHS = sorted(CNN_FEAT_DIMS) + sorted(VIT_CONFIGS)
+PATCH_SIZE = 16
+# CNNs that run faster in channels_last on the CPU (measured with tests/benchmark.py on 2 cores: see README).
+CPU_CHANNELS_LAST = {"mobilenet_v2"}
 
 
-def build_backbone(arch, drop_path_rate=0.0, patch_size=16, img_size=224):
+def is_vit(arch):
+    return arch in VIT_CONFIGS
+
+
+def memory_format(arch, device):
+    """channels_last for CNNs on CUDA (cuDNN's fast NHWC kernels under AMP) and, on the CPU, for the CNNs
+    measured faster with it; ViTs and the rest stay contiguous. Crops must use the model's format."""
+    channels_last = not is_vit(arch) and (torch.device(device).type == "cuda" or arch in CPU_CHANNELS_LAST)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def sync_batchnorm(model, device, world_size):
+    """BatchNorm -> SyncBatchNorm (statistics over the global batch) when several CUDA processes run.
+    SyncBatchNorm needs CUDA: CPU processes keep per-process statistics."""
+    if world_size > 1 and torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def build_backbone(arch, drop_path_rate=0.0, patch_size=PATCH_SIZE, img_size=224):
     """Return an nn.Module mapping (B, 3, H, W) images to (B, feat_dim) features.
 
     drop_path_rate / patch_size / img_size only concern ViTs (img_size sets the size of the learned
@@ -142,7 +167,7 @@ class VisionTransformer(nn.Module):
 
     def interpolate_pos_embed(self, h_patches, w_patches):
         """Position embeddings for an (h_patches x w_patches) grid: bicubic resize of the
-        learned grid (DINO does this for 96 px local crops; spec §3)."""
+        learned grid (official DINO does this for 96 px local crops)."""
         cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
         grid = int(math.sqrt(patch_pos.shape[1]))
         if (h_patches, w_patches) == (grid, grid):
@@ -169,7 +194,7 @@ class VisionTransformer(nn.Module):
 
     def last_cls_tokens(self, x, n=4):
         """CLS tokens of the last n blocks, each through the final norm, concatenated:
-        (B, n * embed_dim). The ViT linear-probe feature of spec §4.2 (n=4 -> 768 for ViT-Tiny)."""
+        (B, n * embed_dim). The ViT linear-probe feature of paper §4 (n=4 -> 768 for ViT-Tiny)."""
         x = self.tokens(x)
         outputs = []
         for i, block in enumerate(self.blocks):
@@ -183,7 +208,7 @@ def multicrop_features(backbone, crops):
     """Features of a list of crops [g1, g2, l1, ...] (each (B, 3, H, W)), view-major: (len(crops) * B, D).
 
     Consecutive crops of equal resolution are concatenated and run through the backbone in one
-    call: 2 calls (globals, locals) instead of 2 + n (DINO's MultiCropWrapper, spec §2.0). This
+    call: 2 calls (globals, locals) instead of 2 + n (official DINO's MultiCropWrapper). This
     also fixes BatchNorm semantics: backbone BN statistics are computed per resolution group."""
     features, start = [], 0
     while start < len(crops):

@@ -1,74 +1,140 @@
 """DINO pre-training with the paper's view sampling (SSLight, Tan, Saleh, Martinez, ICLR 2023).
 
-    python dino.py                                   # CPU/GPU demo on the built-in synthetic shapes
+    python dino.py                                              # the CPU demo on the built-in synthetic set
     python dino.py --arch resnet18 --data /path/imagenet/train
     torchrun --nproc_per_node=8 dino.py --arch vit_tiny --local-crops 10 --data /path/imagenet/train
 
-Student and teacher share an architecture (backbone + projection head). The teacher sees the 2
-global crops, the student every crop; the student learns to match the teacher's centred,
-sharpened output distribution, and the teacher is an EMA of the student. SSLight changes only
-the crops and the loss weights (views.py); every number below is the paper's (spec §1.3, §2.0,
-§2.1) unless a flag overrides it. Output: <output-dir>/{args.json, log.jsonl, checkpoint.pth}.
+Student and teacher share an architecture (backbone + projection head). The teacher sees the 2 global
+crops, the student every crop; the student learns to match the teacher's centred, sharpened output
+distribution, and the teacher is an EMA of the student. SSLight changes only the crops and the loss
+weights (views.py); every default below is the paper's (SSLight's exp_yamls/dino) unless noted.
+Output: <output-dir>/{args.json, log.jsonl, checkpoint.pth, checkpoint.pth.prev}; a rerun resumes.
 """
 import argparse
+import atexit
 import json
+import math
+import os
+import socket
+import sys
+import time
+import types
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
-import training
-from backbones import build_backbone, multicrop_features
-from views import MultiCropTransform, describe
+import backbones
+import views
+from views import UserError
 
-# The paper's DINO settings per backbone family (spec §2.1). Flags left unset take these.
+# The paper's DINO settings per backbone family (SSLight's dino_cnn_*.yaml / dino_vit_*.yaml). Unset flags
+# take these; warm-ups given in epochs of the paper's 200-epoch runs are scaled down for shorter runs.
 PAPER_DEFAULTS = {
-    "cnn": dict(out_dim=4096, use_bn_in_head=True, norm_last_layer=True, optimizer="lars", lr=0.48,
-                min_lr=0.0048, weight_decay=1e-6, weight_decay_end=1e-6, warmup_teacher_temp_epochs=50,
-                drop_path=0.0),
-    "vit": dict(out_dim=65536, use_bn_in_head=False, norm_last_layer=False, optimizer="adamw", lr=5e-4,
-                min_lr=1e-5, weight_decay=0.04, weight_decay_end=0.4, warmup_teacher_temp_epochs=30,
-                drop_path=0.1),
+    "cnn": dict(out_dim=4096, use_bn_in_head=1, norm_last_layer=1, optimizer="lars", lr=0.48, min_lr=0.0048,
+                weight_decay=1e-6, weight_decay_end=1e-6, warmup_teacher_temp_epochs=50, drop_path=0.0),
+    "vit": dict(out_dim=65536, use_bn_in_head=0, norm_last_layer=0, optimizer="adamw", lr=5e-4, min_lr=1e-5,
+                weight_decay=0.04, weight_decay_end=0.4, warmup_teacher_temp_epochs=30, drop_path=0.1),
 }
+PAPER_EPOCHS = 200
+# Settings of this machine and command, never taken from a checkpoint.
+THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export"}
+# Settings a resumed run may change when typed again; every other one is compared with the checkpoint's.
+RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs"}  # a moved --data: its size is checked
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("DINO pre-training (SSLight recipes)", add_help=True,
+    parser = argparse.ArgumentParser("DINO pre-training (SSLight recipes)",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    training.add_common_args(parser, "dino", default_arch="resnet18")
-    m = parser.add_argument_group("DINO head and loss (spec §2.1; None = the paper's value for the arch)")
-    m.add_argument("--out-dim", type=int, default=None, help="prototypes K: CNN 4096, ViT 65536. On small data sets 1k-8k trains faster")
-    m.add_argument("--use-bn-in-head", type=int, choices=[0, 1], default=None, help="BN after the 2 hidden layers: CNN 1, ViT 0")
+    r = parser.add_argument_group("run")
+    r.add_argument("--arch", default="resnet18", choices=backbones.ARCHS,
+                   help="paper: mobilenet_v2, resnet18/34, vit_tiny")
+    r.add_argument("--data", default="synthetic", help=views.DATA_HELP)
+    r.add_argument("--output-dir", default=None, help="default runs/dino-<arch>; a rerun resumes from its checkpoint")
+    r.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help="paper 200. More on a finished run extends it")
+    r.add_argument("--batch-size", type=int, default=128, help="per process; paper 128 x 8 GPUs = 1024")
+    r.add_argument("--workers", type=int, default=None,
+                   help="loader processes per process; default: the node's cores / processes per node, at most 8")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="autocast: auto = bf16 on GPUs of compute capability >= 8.0, fp16 (+ GradScaler) below, "
+                        "off on the CPU; the paper trained in fp32. off: fp32 matmuls (cuDNN convs stay TF32)")
+    r.add_argument("--log-every", type=int, default=20, help="steps between progress updates (each is one host sync)")
+    r.add_argument("--export", default=None, metavar="PATH",
+                   help="write the teacher backbone's state_dict (torchvision's format for CNNs) to PATH at the end; "
+                        "on a finished run only --output-dir is needed")
+    r.add_argument("--eval-data", default=None, help="kNN monitor (k 20, T 0.07): a root with train/ and val/ "
+                                                     "image folders, cifar10, or synthetic; epoch 0 = untrained")
+    r.add_argument("--eval-every", type=int, default=1, help="epochs between kNN evaluations (and the last one)")
+    views.add_view_args(parser)
+    m = parser.add_argument_group("DINO head and loss (None = the paper's value for the arch)")
+    m.add_argument("--out-dim", type=int, default=None, help="prototypes K: CNN 4096, ViT 65536")
+    m.add_argument("--use-bn-in-head", type=int, choices=[0, 1], default=None, help="BN after the hidden layers: CNN 1")
     m.add_argument("--norm-last-layer", type=int, choices=[0, 1], default=None,
                    help="freeze the weight-norm gain of the last layer: CNN 1, ViT 0 (0 is better but can be unstable)")
     m.add_argument("--student-temp", type=float, default=0.1)
-    m.add_argument("--teacher-temp", type=float, default=0.07, help="final teacher temperature; DINO: above 0.07 is unstable")
-    m.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="start of the linear teacher-temperature warm-up")
-    m.add_argument("--warmup-teacher-temp-epochs", type=int, default=None, help="CNN 50, ViT 30 (of 200 epochs)")
+    m.add_argument("--teacher-temp", type=float, default=0.07, help="final teacher temperature; above 0.07 is unstable")
+    m.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="start of the teacher-temperature ramp")
+    m.add_argument("--warmup-teacher-temp-epochs", type=int, default=None,
+                   help="CNN 50, ViT 30 of 200 epochs; a shorter run keeps the same fraction (25%% / 15%%)")
     m.add_argument("--center-momentum", type=float, default=0.9)
     m.add_argument("--momentum-teacher", type=float, default=0.996,
-                   help="EMA start, cosine to 1. DINO advises 0.9995 for a global batch of 256")
-    m.add_argument("--freeze-last-layer", type=int, default=1, help="epochs during which the last layer gets no update")
-    o = parser.add_argument_group("optimisation (spec §2.0)")
+                   help="EMA start, cosine to 1. A run of a few hundred steps needs ~0.99 for the teacher to move")
+    m.add_argument("--freeze-last-layer", type=int, default=1, help="epochs in which the last layer gets no update")
+    o = parser.add_argument_group("optimisation")
     o.add_argument("--optimizer", default=None, choices=["lars", "adamw", "sgd"], help="CNN lars, ViT adamw")
     o.add_argument("--lr", type=float, default=None,
-                   help="base lr per 256 images (peak = lr * global batch / 256): CNN 0.48 (peak 1.92 at 1024), ViT 5e-4")
+                   help="base lr per 256 images (peak = lr * global batch / 256): CNN 0.48 (1.92 at 1024), ViT 5e-4")
     o.add_argument("--min-lr", type=float, default=None, help="end of the cosine: CNN 0.0048, ViT 1e-5 (not scaled)")
-    o.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up from 0")
+    o.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear lr warm-up from 0: the paper's 10 of 200 epochs, 5%% of a shorter run")
     o.add_argument("--weight-decay", type=float, default=None, help="CNN 1e-6 constant, ViT cosine 0.04 -> 0.4")
     o.add_argument("--weight-decay-end", type=float, default=None)
-    o.add_argument("--clip-grad", type=float, default=0.0, help="per-parameter gradient norm clip; the paper uses none (0)")
+    o.add_argument("--clip-grad", type=float, default=0.0, help="per-parameter gradient-norm clip; the paper: none (0)")
     o.add_argument("--drop-path", type=float, default=None, help="student stochastic depth: ViT 0.1")
     return parser
 
 
-def resolve_defaults(args):
-    family = "vit" if args.arch.startswith("vit") else "cnn"
-    for key, value in PAPER_DEFAULTS[family].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+def resolve_config(args, given, world_size, saved=None):
+    """The run's whole configuration, once: flags + the paper's per-arch defaults + the view recipe.
+    On a resume it is the checkpoint's, with the flags typed now checked against it."""
+    if saved is not None:
+        plain = lambda v: tuple(v) if isinstance(v, list) else v
+        changed = {k: (saved[k], getattr(args, k)) for k in sorted(given - RESUMABLE)
+                   if plain(getattr(args, k)) != plain(saved[k])}
+        if saved["world_size"] != world_size:
+            changed["processes"] = (saved["world_size"], world_size)
+        if changed:
+            raise UserError("this run was trained with other settings; use another --output-dir or the same flags: "
+                            + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items()))
+        config = dict(saved, **{k: getattr(args, k) for k in THIS_RUN | (given & RESUMABLE)})
+        return types.SimpleNamespace(**config)
+    config = dict(vars(args), world_size=world_size)
+    for key, value in PAPER_DEFAULTS["vit" if backbones.is_vit(args.arch) else "cnn"].items():
+        if config[key] is None:
+            config[key] = value
+    short = min(1.0, args.epochs / PAPER_EPOCHS)  # warm-ups keep the fraction of the run they have in the paper
+    if args.warmup_epochs is None:
+        config["warmup_epochs"] = 10 * short
+    if args.warmup_teacher_temp_epochs is None:
+        config["warmup_teacher_temp_epochs"] = round(config["warmup_teacher_temp_epochs"] * short)
+    recipe = views.get_recipe("dino", args.recipe, backbones.is_vit(args.arch), global_size=args.global_size,
+                              local_size=args.local_size, local_crops=args.local_crops, global_scale=args.global_scale,
+                              local_scale=args.local_scale, loss_weights=args.loss_weights)
+    config.update(global_size=recipe.global_size, local_size=recipe.local_size, local_crops=recipe.local_crops,
+                  global_scale=recipe.global_scale, local_scale=recipe.local_scale, loss_weights=recipe.alpha_beta)
+    if backbones.is_vit(args.arch) and (recipe.global_size % 16 or recipe.local_crops and recipe.local_size % 16):
+        raise UserError(f"{args.arch} needs crops in multiples of its 16 px patches, not {recipe.global_size} / "
+                        f"{recipe.local_size} px: use --global-size 224 or 112 (locals 128 / 64), or set --local-size")
+    for name in ("epochs", "batch_size", "out_dim", "log_every", "eval_every"):
+        if config[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {config[name]}")
+    if config["lr"] <= 0 or config["teacher_temp"] <= 0 or config["student_temp"] <= 0:
+        raise UserError("--lr, --teacher-temp and --student-temp must be > 0")
+    return types.SimpleNamespace(**config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -76,9 +142,9 @@ def resolve_defaults(args):
 # ----------------------------------------------------------------------------------------------
 
 class WeightNormLinear(nn.Module):
-    """Linear(in, out, bias=False) with weight = g * v / ||v|| per output row, the same
-    parameters (weight_g, weight_v) as nn.utils.weight_norm, written out because that API is
-    deprecated. With g frozen at 1 this is a pure cosine layer (norm_last_layer)."""
+    """Linear(in, out, bias=False) with weight = g * v / ||v|| per output row: the parameters (weight_g,
+    weight_v) of nn.utils.weight_norm, written out as that API is deprecated. With g frozen at 1 it is a
+    pure cosine layer (norm_last_layer)."""
 
     def __init__(self, in_dim, out_dim, freeze_gain):
         super().__init__()
@@ -90,8 +156,8 @@ class WeightNormLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """in -> 2048 -> 2048 -> 256 MLP (GELU; BN after the hidden layers for CNNs), L2-normalised
-    256-d bottleneck, then a weight-normalised Linear(256 -> K) without bias (spec §2.1)."""
+    """in -> 2048 -> 2048 -> 256 MLP (GELU; BN after the hidden layers for CNNs), L2-normalised 256-d
+    bottleneck, then a weight-normalised Linear(256 -> K) without bias."""
 
     def __init__(self, in_dim, out_dim, use_bn, norm_last_layer, hidden_dim=2048, bottleneck_dim=256):
         super().__init__()
@@ -103,7 +169,7 @@ class DINOHead(nn.Module):
             if isinstance(layer, nn.Linear):
                 nn.init.trunc_normal_(layer.weight, std=0.02)
                 nn.init.zeros_(layer.bias)
-        # Created after the init loop: keeps PyTorch's default Linear init, as the paper's code.
+        # Created after the init loop: it keeps PyTorch's default Linear init, as in the paper's code.
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, freeze_gain=norm_last_layer)
 
     def forward(self, x):
@@ -116,26 +182,25 @@ class DINONet(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, crops):
-        # Backbone once per resolution group, head once on everything (spec §2.0).
-        return self.head(multicrop_features(self.backbone, crops))
+        # The backbone once per resolution group, the head once on everything (official DINO MultiCropWrapper).
+        return self.head(backbones.multicrop_features(self.backbone, crops))
 
 
-def build_dino_net(args, drop_path):
-    backbone = build_backbone(args.arch, drop_path_rate=drop_path)
-    head = DINOHead(backbone.feat_dim, args.out_dim, bool(args.use_bn_in_head), bool(args.norm_last_layer))
-    return DINONet(backbone, head)
+def build_dino_net(arch, out_dim, use_bn_in_head, norm_last_layer, drop_path=0.0):
+    backbone = backbones.build_backbone(arch, drop_path_rate=drop_path)
+    return DINONet(backbone, DINOHead(backbone.feat_dim, out_dim, bool(use_bn_in_head), bool(norm_last_layer)))
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss: cross-entropy between centred/sharpened teacher and student, SSLight-weighted
+# Loss: cross-entropy between the centred, sharpened teacher and the student, SSLight-weighted
 # ----------------------------------------------------------------------------------------------
 
 class DINOLoss(nn.Module):
-    """alpha * mean(global-global CE) + beta * mean(global-local CE)   (spec §1.3)
+    """alpha * mean(global-global CE) + beta * mean(global-local CE)   (paper §3.3, Eq. 2)
 
     gg pairs: (teacher g1, student g2), (teacher g2, student g1)          -> n_gg = 2
     gl pairs: every teacher global view with every student local view    -> n_gl = 2 * n_local
-    With alpha = 1/(1+n_local) this is DINO's plain average over all 2 * (n_crops - 1) pairs.
+    With alpha = 1/(1+n_local) this is official DINO's plain average over all 2 * (n_crops - 1) pairs.
     Outputs are view-major: rows [v * B, (v + 1) * B) belong to view v."""
 
     def __init__(self, out_dim, local_crops, alpha, beta, student_temp=0.1, center_momentum=0.9):
@@ -145,175 +210,507 @@ class DINOLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_out, teacher_out, teacher_temp):
+        """-> (loss, collapse signals: entropies of the teacher's and the student's global outputs)."""
         n_views = 2 + self.local_crops
         # (views, batch, K): row v * B + b of the outputs is image b seen in view v.
         student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).unflatten(0, (n_views, -1))
         teacher_p = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().unflatten(0, (2, -1))
-        # ce[t, v] = mean over the batch of -sum_k p_teacher(view t) * log p_student(view v).
-        # Elementwise in fp32, as DINO: a matmul here would run in bf16 under autocast (or TF32).
+        # ce[t, v] = mean over the batch of -sum_k p_teacher(view t) * log p_student(view v). Elementwise in
+        # fp32, as official DINO: a matmul here would run in bf16 under autocast.
         ce = torch.stack([-(teacher_p[t] * student_logp).sum(-1).mean(-1) for t in range(2)])
-        global_global = (ce[0, 1] + ce[1, 0]) / 2
-        if self.local_crops == 0:
-            loss = global_global
-        else:
-            global_local = ce[:, 2:].sum() / (2 * self.local_crops)
-            loss = self.alpha * global_global + self.beta * global_local
-        self.update_center(teacher_out)
-        return loss
+        loss = (ce[0, 1] + ce[1, 0]) / 2
+        if self.local_crops:
+            loss = self.alpha * loss + self.beta * ce[:, 2:].sum() / (2 * self.local_crops)
+        with torch.no_grad():  # a flat teacher (entropy ~ ln K) is DINO's collapse to the uniform distribution
+            teacher_entropy = -(teacher_p * teacher_p.clamp_min(1e-12).log()).sum(-1).mean()
+            student_entropy = -(student_logp[:2].exp() * student_logp[:2]).sum(-1).mean()
+        return loss, (teacher_entropy, student_entropy)
 
     @torch.no_grad()
     def update_center(self, teacher_out):
-        """c <- m * c + (1 - m) * mean of the raw teacher outputs over both global views and all
-        GPUs (the all-reduce people forget when porting, official_repos §1.1)."""
-        batch_sum = training.all_reduce_sum(teacher_out.float().sum(dim=0, keepdim=True))
-        world = dist.get_world_size() if training.distributed() else 1
-        batch_center = batch_sum / (len(teacher_out) * world)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        """c <- m * c + (1 - m) * the mean raw teacher output over both global views and ALL processes
+        (the all-reduce that ports of DINO forget)."""
+        batch_sum = all_reduce_sum(teacher_out.float().sum(dim=0, keepdim=True))
+        world_size = dist.get_world_size() if is_distributed() else 1
+        self.center.mul_(self.center_momentum).add_(batch_sum / (len(teacher_out) * world_size),
+                                                    alpha=1 - self.center_momentum)
 
 
-def teacher_temp_schedule(args):
-    """Per epoch: linear warm-up_teacher_temp -> teacher_temp, then constant (spec §2.1)."""
-    warm = args.warmup_teacher_temp_epochs
-    ramp = [args.warmup_teacher_temp + (args.teacher_temp - args.warmup_teacher_temp) * e / max(warm, 1)
-            for e in range(warm)]
-    return (ramp + [args.teacher_temp] * args.epochs)[:args.epochs]
+def teacher_temp_schedule(start, end, warmup_epochs, epochs):
+    """Per epoch: linear start -> end over warmup_epochs, then constant (official DINO)."""
+    ramp = [start + (end - start) * e / warmup_epochs for e in range(warmup_epochs)]
+    return (ramp + [end] * epochs)[:epochs]
 
 
 @torch.no_grad()
 def ema_update(teacher_params, student_params, momentum):
-    """teacher = m * teacher + (1 - m) * student, parameters only (BN buffers are the teacher's
-    own, from its train-mode forward), in one foreach call instead of a Python loop."""
+    """teacher = m * teacher + (1 - m) * student, parameters only (BN buffers are the teacher's own, from its
+    train-mode forward). torch._foreach_lerp_: the whole list in one kernel (torch's optimizers use it)."""
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
 
 
 def clip_gradients(params, clip):
-    """DINO clips every parameter's gradient to norm <= clip separately (not a global norm);
-    computed without host syncs."""
+    """Official DINO clips every parameter's gradient to norm <= clip separately (not one global norm)."""
     grads = [p.grad for p in params if p.grad is not None]
-    norms = torch._foreach_norm(grads)
-    scales = [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms]
-    torch._foreach_mul_(grads, scales)
+    scales = (clip / (torch.stack(torch._foreach_norm(grads)) + 1e-6)).clamp(max=1.0)
+    for g, s in zip(grads, scales.unbind()):
+        g.mul_(s)
+
+
+def export_backbone(state_dict, path, arch):
+    """The backbone's weights alone: for CNNs they load into torchvision.models.<arch>() with only the
+    classifier keys missing; for ViTs into backbones.build_backbone(arch)."""
+    state_dict = {k[len("backbone."):]: v.cpu() for k, v in state_dict.items() if k.startswith("backbone.")}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(state_dict, path)
+    print(f"exported the {arch} backbone ({len(state_dict)} tensors) to {path}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
 
-def main(args):
-    run = training.setup_run(args)
-    resolve_defaults(args)
-    recipe = training.recipe_from_args(args, "dino")
-    alpha, beta = recipe.alpha_beta
-    checkpoint_path = training.prepare_output_dir(args, "dino", run)
-    log = print if run.main else (lambda *a, **k: None)
-    if args.data in (None, "synthetic"):
-        log("training on the built-in synthetic shapes demo set (pass --data DIR for real images)")
-    log(f"DINO {args.arch} | world {run.world} on {run.device} | views: {describe(recipe)}")
+def main(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    rank, world_size, device = init_distributed(args.device, args.seed)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    output_dir = args.output_dir or os.path.join("runs", f"dino-{args.arch}")
+    checkpoint_path = os.path.join(output_dir, "checkpoint.pth")
+    if rank == 0:
+        lock_output_dir(output_dir)
+    checkpoint = load_checkpoint(checkpoint_path, log)
+    config = resolve_config(args, given_flags(parser, argv), world_size, checkpoint and checkpoint["config"])
+    config.amp, amp_note = resolve_amp(config.amp, device)
+    config.workers = loader_workers(config.workers)
+    amp = config.amp
+    done = checkpoint["epoch"] if checkpoint else 0
+    if checkpoint and config.epochs < done:
+        raise UserError(f"{checkpoint_path} has {done} finished epochs; --epochs {config.epochs} cannot shorten it")
+    if checkpoint and done == config.epochs:
+        log(f"this run is finished: {done} epochs; checkpoint {checkpoint_path}, log {output_dir}/log.jsonl")
+        if config.export and rank == 0:
+            export_backbone(checkpoint["teacher"], config.export, config.arch)
+        return dict(checkpoint=checkpoint)
+    if checkpoint and config.epochs != checkpoint["config"]["epochs"]:
+        log(f"extending the run from {checkpoint['config']['epochs']} to {config.epochs} epochs: "
+            f"the lr, weight-decay and momentum schedules are recomputed for {config.epochs}")
+    alpha, beta = config.loss_weights
+    log(f"DINO {config.arch} | {world_size} process(es) on {device}, amp {amp} {amp_note}| views: global "
+        f"{config.global_size}px {config.global_scale}, {config.local_crops} local {config.local_size}px "
+        f"{config.local_scale}, loss weights gg {alpha:.3f} gl {beta:.3f}")
+    log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(config).items())))
 
-    # ============ data ============
-    dataset = training.build_dataset(args.data, MultiCropTransform(recipe))
-    loader = training.build_train_loader(dataset, args, run)
-    iters_per_epoch = args.iters_per_epoch = len(loader)  # a resume must see the same count
-    log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {args.batch_size} x {run.world}")
+    # ============ data (every path and size is checked before the first step) ============
+    recipe = views.get_recipe("dino", config.recipe, backbones.is_vit(config.arch), **{
+        k: getattr(config, k) for k in ("global_size", "local_size", "local_crops", "global_scale", "local_scale")},
+        loss_weights=config.loss_weights)
+    if rank != 0:
+        barrier()  # rank 0 downloads a named data set first
+    dataset = views.build_dataset(config.data, views.MultiCropTransform(recipe), download=rank == 0)
+    eval_transform = views.eval_transform(config.global_size)
+    eval_sets = config.eval_data and views.build_eval_datasets(config.eval_data, eval_transform, download=rank == 0)
+    if rank == 0:
+        barrier()
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=config.seed,
+                                                  drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, config.batch_size, sampler=sampler, num_workers=config.workers,
+                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         persistent_workers=config.workers > 0,
+                                         prefetch_factor=2 if config.workers > 0 else None)
+    iters_per_epoch = len(loader)
+    if iters_per_epoch == 0:
+        raise UserError(f"{len(dataset)} images give {len(sampler)} per process, fewer than --batch-size "
+                        f"{config.batch_size}")
+    if checkpoint and checkpoint["num_images"] != len(dataset):
+        raise UserError(f"--data {config.data} now has {len(dataset)} images, the run was trained on "
+                        f"{checkpoint['num_images']}: use the same data or another --output-dir")
+    log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {config.batch_size} x {world_size}")
 
     # ============ student and teacher ============
-    student = build_dino_net(args, drop_path=args.drop_path)
-    teacher = build_dino_net(args, drop_path=0.0)  # the teacher has no stochastic depth
+    dino_net = lambda drop_path: build_dino_net(config.arch, config.out_dim, config.use_bn_in_head,
+                                                config.norm_last_layer, drop_path)
+    memory_format = backbones.memory_format(config.arch, device)
     # SyncBN for the teacher too: it runs in train mode, its BN uses batch statistics.
-    student, memory_format = training.to_device(student, run, args.arch)
-    teacher, _ = training.to_device(teacher, run, args.arch)
+    to_device = lambda net: backbones.sync_batchnorm(net, device, world_size).to(device, memory_format=memory_format)
+    student, teacher = to_device(dino_net(config.drop_path)), to_device(dino_net(0.0))  # teacher: no drop path
     # DDP broadcasts rank 0's student to every rank; the teacher starts as a copy of that student.
-    student_ddp = nn.parallel.DistributedDataParallel(student) if run.world > 1 else student
+    student_ddp = nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
     teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)  # no backprop through the teacher; it is an EMA of the student
-    dino_loss = DINOLoss(args.out_dim, recipe.local_crops, alpha, beta, args.student_temp,
-                         args.center_momentum).to(run.device)
+    teacher.requires_grad_(False)  # no backprop through the teacher: it is an EMA of the student
+    dino_loss = DINOLoss(config.out_dim, config.local_crops, alpha, beta, config.student_temp,
+                         config.center_momentum).to(device)
 
-    # ============ optimizer and schedules (one value per iteration) ============
-    optimizer = training.build_optimizer(args.optimizer, training.param_groups(student), run)
-    scaler = training.grad_scaler(run, args.amp)
-    warmup_epochs = training.clamp_warmup("--warmup-epochs", args.warmup_epochs, args.epochs, log)
-    args.warmup_teacher_temp_epochs = training.clamp_warmup(
-        "--warmup-teacher-temp-epochs", args.warmup_teacher_temp_epochs, args.epochs, log)
-    peak_lr = args.lr * args.batch_size * run.world / 256
-    lr_schedule = training.cosine_schedule(peak_lr, args.min_lr, args.epochs, iters_per_epoch, warmup_epochs)
-    wd_schedule = training.cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters_per_epoch)
-    momentum_schedule = training.cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters_per_epoch)
-    teacher_temps = teacher_temp_schedule(args)
+    # ============ optimizer and schedules (one value per iteration, the teacher temperature per epoch) ============
+    groups = param_groups([student])
+    if config.optimizer == "lars":
+        optimizer = LARS(groups)
+    elif config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
+    else:
+        optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    peak_lr = config.lr * config.batch_size * world_size / 256
+    lr_schedule = cosine_schedule(peak_lr, config.min_lr, config.epochs, iters_per_epoch, config.warmup_epochs)
+    wd_schedule = cosine_schedule(config.weight_decay, config.weight_decay_end, config.epochs, iters_per_epoch)
+    momentum_schedule = cosine_schedule(config.momentum_teacher, 1.0, config.epochs, iters_per_epoch)
+    teacher_temps = teacher_temp_schedule(config.warmup_teacher_temp, config.teacher_temp,
+                                          min(config.warmup_teacher_temp_epochs, config.epochs), config.epochs)
     student_params, teacher_params = list(student.parameters()), list(teacher.parameters())
     last_layer_params = list(student.head.last_layer.parameters())
+    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
+    knn = lambda: knn_monitor(teacher.backbone, *eval_sets, 256, config.workers, device, rank, world_size, autocast,
+                              memory_format)
 
-    # ============ resume ============
-    start_epoch, start_step = 0, 0
-    checkpoint = training.load_for_resume(checkpoint_path, args, run, extra_keys=("out_dim",))
-    if checkpoint is not None:
+    # ============ resume, or the untrained network's kNN as epoch 0 ============
+    if checkpoint:
         student.load_state_dict(checkpoint["student"])
         teacher.load_state_dict(checkpoint["teacher"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"]:  # empty unless saved under --amp fp16 (switching --amp is allowed)
+        if checkpoint["scaler"]:  # empty unless saved under fp16 (switching --amp is allowed)
             scaler.load_state_dict(checkpoint["scaler"])
         dino_loss.load_state_dict(checkpoint["dino_loss"])
-        start_epoch, start_step = checkpoint["epoch"], checkpoint["step_in_epoch"]
-        log(f"resumed from {checkpoint_path}: epoch {start_epoch}, step {start_step} of {iters_per_epoch}")
+        history = checkpoint["history"]
+        log(f"resumed from {checkpoint_path} after epoch {done} of {config.epochs}")
     else:
-        log("arguments:\n" + training.format_args(args))
+        history = [dict(epoch=0, **knn())] if eval_sets else []
+        if history:
+            log(f"epoch 0 (untrained): kNN top-1 {history[0]['knn_top1']:.2f} %")
+    if rank == 0:
+        with open(os.path.join(output_dir, "args.json"), "w") as f:
+            json.dump(vars(config), f, indent=2)  # written only once the settings have passed the checks
 
-    def save(epoch, step_in_epoch):
-        if run.main:
-            training.save_checkpoint(dict(
-                method="dino", settings=training.resume_settings(args, run, ("out_dim",)), args=vars(args),
-                student=student.state_dict(), teacher=teacher.state_dict(), optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict(), dino_loss=dino_loss.state_dict(),
-                epoch=epoch, step_in_epoch=step_in_epoch), checkpoint_path)
-
-    json_log = training.JsonLog(args.output_dir, run)
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(done, config.epochs):
         # ============ one epoch of DINO ============
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.skip_batches = start_step
-        student.train(), teacher.train()  # the teacher stays in train mode: its BN uses batch stats
-        progress = training.EpochProgress(args, run, epoch, start_step, iters_per_epoch, checkpoint_path)
-        for i, (crops, _) in enumerate(loader, start=start_step):
+        sampler.set_epoch(epoch)
+        student.train(), teacher.train()  # the teacher stays in train mode: its BN uses batch statistics
+        sums = torch.zeros(4, device=device)  # loss, teacher entropy, student entropy, embedding std
+        start = time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0, dynamic_ncols=True)
+        for i, (crops, _) in enumerate(bar):
             it = epoch * iters_per_epoch + i  # global iteration: index into the schedules
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule[it]
                 group["weight_decay"] = wd_schedule[it] * group["wd_factor"]
-            crops = [c.to(run.device, non_blocking=True, memory_format=memory_format) for c in crops]
+            crops = [views.normalize(c, device, memory_format) for c in crops]  # uint8 -> float on the device
 
-            with training.autocast(run, args.amp):
+            with autocast:
                 teacher_out = teacher(crops[:2])  # only the 2 global views
                 student_out = student_ddp(crops)
-                loss = dino_loss(student_out, teacher_out, teacher_temps[epoch])
+                loss, (teacher_entropy, student_entropy) = dino_loss(student_out, teacher_out, teacher_temps[epoch])
 
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if args.clip_grad > 0:
-                scaler.unscale_(optimizer)  # clip true gradients, not scaled ones
-                clip_gradients(student_params, args.clip_grad)
-            if epoch < args.freeze_last_layer:
-                for p in last_layer_params:  # None, not zero: no weight decay, no momentum either
+            if config.clip_grad > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                clip_gradients(student_params, config.clip_grad)
+            if epoch < config.freeze_last_layer:
+                for p in last_layer_params:  # None, not zero: no weight decay and no momentum either
                     p.grad = None
             scaler.step(optimizer)
             scaler.update()
             ema_update(teacher_params, student_params, momentum_schedule[it])
+            dino_loss.update_center(teacher_out)  # after the loss, which used the previous centre
 
-            if progress.update(it, lr_schedule[it], loss=loss):
-                save(epoch, i + 1)
+            # Collapse signals from tensors at hand: entropies vs ln K, and the per-dimension std of the
+            # L2-normalised teacher output (~1/sqrt(K) when spread, ~0 when every image gives the same).
+            embedding_std = F.normalize(teacher_out.float(), dim=1).std(0).mean()
+            sums += torch.stack([loss.detach(), teacher_entropy, student_entropy, embedding_std])
+            del teacher_out, student_out, loss  # free them before the next forward's peak
+            if (i + 1) % config.log_every == 0 or i + 1 == iters_per_epoch:  # the one host sync
+                means = (all_reduce_sum(sums.clone()) / ((i + 1) * world_size)).tolist()
+                if not math.isfinite(means[0]):
+                    raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; the last good "
+                                     f"checkpoint is kept in {checkpoint_path}. Try --amp off or a lower --lr")
+                bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr_schedule[it]:.2e}",
+                                img_s=round((i + 1) * config.batch_size * world_size / (time.time() - start), 1))
 
-        # ============ end of epoch: log, monitor, checkpoint ============
-        record = dict(epoch=epoch + 1, **progress.close(it), lr=lr_schedule[it], wd=wd_schedule[it],
-                      teacher_temp=teacher_temps[epoch], momentum=momentum_schedule[it])
-        record.update(training.knn_eval_if_due(teacher.backbone, args, run, epoch))
-        log(json.dumps(record))
-        json_log.write(**record)
-        save(epoch + 1, 0)
-        start_step = 0
+        # ============ end of epoch: record, monitor, checkpoint ============
+        ln_k = math.log(config.out_dim)
+        record = dict(epoch=epoch + 1, loss=means[0], teacher_entropy=means[1], student_entropy=means[2], ln_k=ln_k,
+                      embedding_std=means[3], lr=lr_schedule[it], wd=wd_schedule[it], teacher_temp=teacher_temps[epoch],
+                      momentum=momentum_schedule[it], img_per_s=round(iters_per_epoch * config.batch_size * world_size
+                                                                      / (time.time() - start), 1))
+        if eval_sets and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+            record.update(knn())
+        history.append(record)
+        untrained = f" (untrained {history[0]['knn_top1']:.2f})" if history[0]["epoch"] == 0 else ""
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {means[0]:.4f} (ln K {ln_k:.3f}), teacher entropy {means[1]:.3f}"
+            + (f", kNN top-1 {record['knn_top1']:.2f} %{untrained}" if "knn_top1" in record else ""))
+        if means[1] > 0.99 * ln_k:
+            log(f"collapse: the teacher's output is uniform (entropy {means[1]:.3f} of ln K {ln_k:.3f}) and the loss "
+                "sits at ln K. Usually fixed by a lower --teacher-temp / --warmup-teacher-temp, a lower "
+                "--momentum-teacher for short runs, a lower --lr, or a smaller --out-dim")
+        elif means[3] < 0.05 / math.sqrt(config.out_dim):
+            log(f"collapse: every image gives the same teacher output (per-dimension std {means[3]:.2e}); try a higher "
+                "--center-momentum, a lower --lr or a higher --teacher-temp")
+        if rank == 0:
+            save_checkpoint(dict(method="dino", config=vars(config), epoch=epoch + 1, num_images=len(dataset),
+                                 history=history, student=student.state_dict(), teacher=teacher.state_dict(),
+                                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                                 dino_loss=dino_loss.state_dict()), checkpoint_path)
+            write_log(os.path.join(output_dir, "log.jsonl"), history)
 
-    if args.export and run.main:
-        training.export_backbone(training.strip_prefix(teacher.state_dict(), "backbone."), args.export, args.arch)
-    training.cleanup()
-    return dict(student=student, teacher=teacher, dino_loss=dino_loss)
+    if config.export and rank == 0:
+        export_backbone(teacher.state_dict(), config.export, config.arch)
+    barrier()
+    return dict(student=student, teacher=teacher, dino_loss=dino_loss, history=history)
+
+
+# ---- plumbing: identical in dino.py, moco_v2.py, swav.py, linear_eval.py (tests/test_plumbing.py) ----
+# Distributed setup and collectives, LARS and its parameter groups, the cosine schedule, checkpoints and the
+# run folder, the kNN monitor. Written out in every script, as official MoCo repeats its helpers in
+# main_moco.py and main_lincls.py, so that one script can be copied with backbones.py and views.py alone.
+# Every function takes explicit values, never `args`.
+
+def init_distributed(device_name, seed):
+    """-> (rank, world_size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python script.py`
+    is one process without a process group, and every collective below is then a no-op."""
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA device is visible")
+    rank, world_size, device = 0, 1, torch.device("cuda" if use_cuda else "cpu")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if use_cuda:  # modulo: a launcher may show each process only its own GPU (SLURM --gpus-per-task=1)
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(seed + rank)
+    return rank, world_size, device
+
+
+def given_flags(parser, argv=None):
+    """The names of the flags typed on the command line (their defaults are not in it)."""
+    unset = object()
+    typed = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return {name for name, value in vars(typed).items() if value is not unset}
+
+
+def resolve_amp(amp, device):
+    """-> (autocast dtype name or "off", a note). auto: bf16 on GPUs of compute capability >= 8.0; fp16
+    with a GradScaler below, where cuDNN has no fast bf16 convolutions (torch.cuda.is_bf16_supported() still
+    says True); off on the CPU. An explicit value holds on any device: the CPU runs the same AMP branches."""
+    note = ""
+    if amp == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        amp, note = "fp16", "(compute capability < 8.0: fp16, bf16 convolutions would be slow) "
+    elif amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels
+        torch.set_float32_matmul_precision("high" if amp != "off" else "highest")  # off = fp32 matmuls, no TF32
+    return amp, note
+
+
+def loader_workers(requested):
+    """--workers, or by default this node's CPU cores shared among its processes (torchrun's LOCAL_WORLD_SIZE),
+    at most 8: 8 GPUs x 8 workers on a 64-core node, not 8 x 64."""
+    if requested is not None:
+        return requested
+    return min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(tensor):
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def all_gather_cat(tensor):
+    """Every rank's `tensor` concatenated along dim 0, in rank order (no gradient)."""
+    if not is_distributed():
+        return tensor
+    tensor = tensor.contiguous()  # one plain layout for sent and received buffers (not channels_last)
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor)
+    return torch.cat(gathered)
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def param_groups(modules, decay_all=False):
+    """SSLight's three groups, trainable parameters only (decay_all: one group, MoCo-v2's way):
+    regularized:     ndim >= 2, not depthwise -> weight decay, LARS adaptation;
+    depthwise:       4-D conv weights with shape[1] == 1 (MobileNetV2) -> no weight decay, LARS kept;
+    not regularized: biases and norm parameters (ndim < 2) -> no weight decay, no LARS."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if decay_all:
+        return [dict(params=params, wd_factor=1.0, lars_exclude=False)]
+    depthwise = lambda p: p.ndim == 4 and p.shape[1] == 1
+    groups = [dict(params=[p for p in params if p.ndim >= 2 and not depthwise(p)], wd_factor=1.0, lars_exclude=False),
+              dict(params=[p for p in params if depthwise(p)], wd_factor=0.0, lars_exclude=False),
+              dict(params=[p for p in params if p.ndim < 2], wd_factor=0.0, lars_exclude=True)]
+    return [g for g in groups if g["params"]]
+
+
+class LARS(torch.optim.Optimizer):
+    """SSLight's LARS: g = grad + wd * p; unless lars_exclude, g *= eta * ||p|| / ||g|| when both norms
+    are > 0; mu = momentum * mu + g; p -= lr * mu. eta 0.001, momentum 0.9, no Nesterov. The trust ratios
+    of a group are computed as one stacked tensor (a few kernels per group, no host sync)."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                                      lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            # torch._foreach_*: one kernel over the whole list, as torch's own optimizers do
+            grads = torch._foreach_add([p.grad for p in params], params, alpha=group["weight_decay"])
+            if not group["lars_exclude"]:
+                norms = torch.stack(torch._foreach_norm(params + list(grads))).view(2, -1)  # (param, grad) norms
+                ratios = torch.where((norms > 0).all(0), group["eta"] * norms[0] / norms[1], 1.0)
+                for g, ratio in zip(grads, ratios.unbind()):
+                    g.mul_(ratio)
+            buffers = []
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buffers.append(self.state[p]["momentum_buffer"])
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+
+
+def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, start_warmup=0.0):
+    """One value per iteration (official DINO utils.cosine_scheduler): linear warm-up from start_warmup
+    to base over warmup_epochs (may be fractional), then a cosine from base to final."""
+    warmup_iters, total = int(warmup_epochs * iters_per_epoch), int(epochs * iters_per_epoch)
+    warmup = [start_warmup + (base - start_warmup) * i / warmup_iters for i in range(warmup_iters)]
+    rest = total - warmup_iters
+    return warmup + [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / rest)) for i in range(rest)]
+
+
+def save_checkpoint(state, path):
+    """Atomic and keeping the last good one: write PATH.tmp, move PATH to PATH.prev, rename the new file
+    to PATH. A kill at any moment leaves a complete checkpoint; a failed write (disk full) leaves the
+    old ones as they were and stops the run with a clear message."""
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(state, tmp)
+    except (OSError, RuntimeError) as error:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write the checkpoint {path} ({error}); the last good one is kept") from None
+    if os.path.exists(path):
+        os.replace(path, f"{path}.prev")
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, log=print):
+    """The newest readable of PATH and PATH.prev, or None when neither exists. An unreadable file is
+    named and the previous checkpoint used instead."""
+    candidates = [p for p in (path, f"{path}.prev") if os.path.exists(p)]
+    for candidate in candidates:
+        try:
+            return torch.load(candidate, map_location="cpu", weights_only=False)
+        except Exception as error:
+            log(f"warning: cannot read {candidate} ({type(error).__name__}: {str(error)[:200]}); trying an older one")
+    if candidates:
+        raise UserError(f"no readable checkpoint in {os.path.dirname(path) or '.'}: {', '.join(candidates)} are broken")
+    return None
+
+
+def lock_output_dir(output_dir):
+    """Hold OUTPUT_DIR/lock (host and pid of the holder) for the rest of this process, so two runs never
+    write the same folder. A lock left by a dead process on this host is taken over."""
+    os.makedirs(output_dir, exist_ok=True)
+    path, me = os.path.join(output_dir, "lock"), f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            with open(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                f.write(me)
+            atexit.register(lambda: os.path.exists(path) and open(path).read() == me and os.remove(path))
+            return
+        except FileExistsError:
+            host, _, pid = open(path).read().partition(" ")
+            if f"{host} {pid}" == me:
+                return  # this process holds it already (main() called twice in one process)
+            if host == socket.gethostname() and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                os.remove(path)  # stale: its holder is gone
+                continue
+            raise UserError(f"{output_dir} is in use by another run ({host} pid {pid}); wait, or remove {path} "
+                            "if no run is alive") from None
+
+
+def write_log(path, records):
+    """log.jsonl = exactly these records, one JSON line each, replaced atomically: after any kill and
+    resume it holds one line per finished epoch (the records travel in the checkpoint)."""
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    os.replace(f"{path}.tmp", path)
+
+
+@torch.no_grad()
+def extract_features(feature_fn, dataset, batch_size, workers, device, rank, world_size, autocast,
+                     memory_format=torch.contiguous_format):
+    """Features of the whole `dataset`, in its order, on every rank: rank r extracts the images r, r + W,
+    r + 2W, ... (so no rank idles into the NCCL timeout), then all ranks gather and interleave."""
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    features, labels, dim = [], [], None
+    for images, targets in loader:
+        with autocast:
+            features.append(feature_fn(views.normalize(images, device, memory_format)).float())
+        labels.append(torch.as_tensor(targets).to(device))
+    if features:
+        features, labels = torch.cat(features), torch.cat(labels).long()
+    else:  # fewer images than processes: this rank's shard is empty
+        with autocast:
+            dim = feature_fn(views.normalize(dataset[0][0][None], device, memory_format)).shape[1]
+        features, labels = torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    per_rank = math.ceil(len(dataset) / world_size)  # pad every shard to the same length, gather, interleave
+    pad = lambda t: torch.cat([t, t.new_zeros((per_rank - len(t),) + t.shape[1:])])
+    gather = lambda t: all_gather_cat(pad(t)).view(world_size, per_rank, *t.shape[1:]).transpose(0, 1).flatten(0, 1)
+    return gather(features)[:len(dataset)], gather(labels)[:len(dataset)]
+
+
+@torch.no_grad()
+def knn_classify(bank, bank_labels, queries, query_labels, num_classes, k=20, temperature=0.07, chunk=512):
+    """Weighted kNN (official DINO eval_knn.py): the k most cosine-similar bank images vote for their class
+    with weight exp(sim / T). -> (top-1 %, top-5 %). Bank images with label -1 (unlabelled) do not vote."""
+    keep = bank_labels >= 0
+    bank, bank_labels = F.normalize(bank[keep].float(), dim=1), bank_labels[keep]
+    k, top, hits = min(k, len(bank)), min(5, num_classes), torch.zeros(2, device=bank.device)
+    for start in range(0, len(queries), chunk):
+        similarity, index = (F.normalize(queries[start:start + chunk].float(), dim=1) @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(similarity), num_classes, device=bank.device)
+        votes.scatter_add_(1, bank_labels[index], ((similarity - 1) / temperature).exp())  # exp(sim/T), no overflow
+        hit = votes.topk(top, dim=1).indices == query_labels[start:start + chunk, None]
+        hits += torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
+    return tuple((100.0 * hits / max(1, len(queries))).tolist())
+
+
+def knn_monitor(backbone, bank_set, val_set, batch_size, workers, device, rank, world_size, autocast,
+                memory_format=torch.contiguous_format):
+    """kNN top-1 / top-5 (k 20, T 0.07) of `backbone` in eval mode, train bank -> val, on every rank."""
+    was_training = backbone.training
+    backbone.eval()
+    extract = lambda dataset: extract_features(backbone, dataset, batch_size, workers, device, rank, world_size,
+                                               autocast, memory_format)
+    (bank, bank_labels), (val, val_labels) = extract(bank_set), extract(val_set)
+    backbone.train(was_training)
+    num_classes = max(len(getattr(bank_set, "classes", ())), int(bank_labels.max()) + 1)
+    top1, top5 = knn_classify(bank, bank_labels, val, val_labels, num_classes)
+    return dict(knn_top1=round(top1, 2), knn_top5=round(top5, 2))
+# ---- end of plumbing ----
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

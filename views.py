@@ -1,25 +1,27 @@
-"""Multi-crop view sampling: the paper's contribution (SSLight, Tan, Saleh, Martinez, ICLR 2023).
+"""Images in, views out: the paper's multi-crop view sampling (SSLight, Tan, Saleh, Martinez, ICLR 2023).
 
 The paper changes no SSL objective. For small networks it changes only how views are sampled and
-how the loss pairs are weighted (spec §0):
+how the loss pairs are weighted (paper §3.3; SSLight's src/config/exp_yamls/*_{baseline,sslight}.yaml):
 
     global crops   scale (0.14 or 0.25, 1)    ->  (0.3, 1)
     local crops    scale (0.05, 0.14 or 0.25) ->  (0.05, 0.3)
     local size     96 px                      ->  128 px
     loss weights   plain average over pairs   ->  0.4 * mean(global-global) + 0.6 * mean(global-local)
 
-Everything else (number of crops, colour augmentation, optimiser) is identical between the
-`baseline` and the `light` recipe. This file holds the recipes as data (`RECIPES`), a
-transform that turns one PIL image into [global_1, global_2, local_1 .. local_n] tensors, and a
-picture of what is sampled:
+This file holds the recipes as data (`RECIPES`), the transform that turns one image into
+[global_1, global_2, local_1 .. local_n] uint8 tensors, `normalize` (done on the device, so the loader
+ships 1 byte per pixel instead of 4), the evaluation transform, the data sets and a picture:
 
-    python views.py photo.jpg --method dino --recipe light --compare --out views.png
+    python views.py photo.jpg --method dino --compare --out views.png
 """
 import argparse
 import dataclasses
-from dataclasses import dataclass
+import math
+import os
+import warnings
 
 import torch
+import torchvision
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
@@ -29,7 +31,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 REFERENCE_GLOBAL_SIZE = 224  # crop sizes in the recipes are for 224 px global crops
 
 
-@dataclass(frozen=True)
+class UserError(Exception):
+    """A mistake in the command line or the data: the scripts print it in one line and exit with code 2."""
+
+
+@dataclasses.dataclass(frozen=True)
 class ViewRecipe:
     global_scale: tuple            # RandomResizedCrop area range of the 2 global crops
     local_scale: tuple             # ... and of the local crops
@@ -43,74 +49,93 @@ class ViewRecipe:
     grayscale_p: float = 0.2
     blur_p: tuple = (1.0, 0.1, 0.5)  # global_1, global_2, every local crop
     solarize_p: float = 0.2        # second global crop only (PIL threshold 128)
-    interpolation: str = "bicubic"  # the paper's code uses bicubic crops for all methods (§1.1)
+    interpolation: str = "bicubic"  # SSLight's src/data/transforms.py: bicubic crops for all three methods
 
     @property
     def alpha_beta(self):
         """Weights of the averaged global-global and global-local loss terms.
 
-        Baseline = the original methods' plain average over all pairs. In DINO and SwAV each of
-        the 2 global views is paired with the other global view (2 gg pairs) and with every local
-        (2 * n gl pairs); in MoCo the key g1 is paired with g2 (1) and every local (n). Either way
-        alpha = n_gg / (n_gg + n_gl) = 1 / (1 + n_local): 1/7 for 6 locals, 1/11 for 10 (§1.3)."""
+        Baseline = the original methods' plain average over all pairs. In DINO and SwAV each of the 2
+        global views is paired with the other global view (2 gg pairs) and with every local (2 * n gl
+        pairs); in MoCo the key g1 is paired with g2 (1) and every local (n). Either way
+        alpha = n_gg / (n_gg + n_gl) = 1 / (1 + n_local): 1/7 for 6 locals, 1/11 for 10."""
         if self.loss_weights is not None:
             return tuple(self.loss_weights)
         n = self.local_crops
         return (1.0 / (1 + n), n / (1.0 + n))
 
 
-_DINO_JITTER = dict(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=(1.0, 0.1, 0.5), solarize_p=0.2)
-# SwAV's own augmentation: strong jitter, blur 0.5 on every view, no solarize (spec §1.2).
-_SWAV_JITTER = dict(jitter=(0.8, 0.8, 0.8, 0.2), blur_p=(0.5, 0.5, 0.5), solarize_p=0.0)
+# DINO's photometric augmentation, used by SSLight for DINO and MoCo: colour jitter, blur p 1.0 / 0.1 / 0.5
+# (global_1 / global_2 / locals) and solarize on global_2.
+DINO_AUGMENT = dict(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=(1.0, 0.1, 0.5), solarize_p=0.2)
+# SwAV's own: strong jitter, blur 0.5 on every view, no solarize.
+SWAV_AUGMENT = dict(jitter=(0.8, 0.8, 0.8, 0.2), blur_p=(0.5, 0.5, 0.5), solarize_p=0.0)
 
-# Spec §1.1 / §1.2. Keys: (method, recipe). DINO has a CNN and a ViT variant.
+# Keys: (method, recipe). DINO has a CNN and a ViT variant (paper Table 1; SSLight's exp_yamls).
 RECIPES = {
-    ("dino_cnn", "baseline"): ViewRecipe((0.14, 1.0), (0.05, 0.14), 6, 96, **_DINO_JITTER),
-    ("dino_cnn", "light"): ViewRecipe((0.3, 1.0), (0.05, 0.3), 6, 128, loss_weights=(0.4, 0.6), **_DINO_JITTER),
-    ("dino_vit", "baseline"): ViewRecipe((0.25, 1.0), (0.05, 0.25), 10, 96, **_DINO_JITTER),
-    ("dino_vit", "light"): ViewRecipe((0.3, 1.0), (0.05, 0.3), 10, 128, loss_weights=(0.4, 0.6), **_DINO_JITTER),
-    ("moco", "baseline"): ViewRecipe((0.14, 1.0), (0.05, 0.14), 6, 96, **_DINO_JITTER),
-    ("moco", "light"): ViewRecipe((0.3, 1.0), (0.05, 0.3), 6, 128, loss_weights=(0.4, 0.6), **_DINO_JITTER),
-    # The original 2-view MoCo-v2 "aug+" (official_repos §1.2): RandomResizedCrop(0.2, 1) bilinear,
+    ("dino_cnn", "baseline"): ViewRecipe((0.14, 1.0), (0.05, 0.14), 6, 96, **DINO_AUGMENT),
+    ("dino_cnn", "light"): ViewRecipe((0.3, 1.0), (0.05, 0.3), 6, 128, loss_weights=(0.4, 0.6), **DINO_AUGMENT),
+    ("dino_vit", "baseline"): ViewRecipe((0.25, 1.0), (0.05, 0.25), 10, 96, **DINO_AUGMENT),
+    ("dino_vit", "light"): ViewRecipe((0.3, 1.0), (0.05, 0.3), 10, 128, loss_weights=(0.4, 0.6), **DINO_AUGMENT),
+    ("moco", "baseline"): ViewRecipe((0.14, 1.0), (0.05, 0.14), 6, 96, **DINO_AUGMENT),
+    ("moco", "light"): ViewRecipe((0.3, 1.0), (0.05, 0.3), 6, 128, loss_weights=(0.4, 0.6), **DINO_AUGMENT),
+    # The original 2-view MoCo-v2 "aug+" (official MoCo main_moco.py): RandomResizedCrop(0.2, 1) bilinear,
     # jitter (0.4, 0.4, 0.4, 0.1), blur p 0.5 on both views, no solarize, no local crops.
     ("moco", "classic"): ViewRecipe((0.2, 1.0), (0.05, 0.2), 0, 96, loss_weights=(1.0, 0.0),
                                     jitter=(0.4, 0.4, 0.4, 0.1), blur_p=(0.5, 0.5, 0.5),
                                     solarize_p=0.0, interpolation="bilinear"),
-    ("swav", "baseline"): ViewRecipe((0.14, 1.0), (0.05, 0.14), 6, 96, **_SWAV_JITTER),
-    ("swav", "light"): ViewRecipe((0.3, 1.0), (0.05, 0.3), 6, 128, loss_weights=(0.4, 0.6), **_SWAV_JITTER),
+    ("swav", "baseline"): ViewRecipe((0.14, 1.0), (0.05, 0.14), 6, 96, **SWAV_AUGMENT),
+    ("swav", "light"): ViewRecipe((0.3, 1.0), (0.05, 0.3), 6, 128, loss_weights=(0.4, 0.6), **SWAV_AUGMENT),
 }
 
 
-def get_recipe(method, recipe="light", arch="resnet18", **overrides):
-    """The recipe of `method` (dino / moco / swav) and `recipe` (light / baseline / classic), with
-    any field overridden. Overriding global_size alone rescales local_size by the same ratio,
+def get_recipe(method, recipe="light", vit=False, **overrides):
+    """The recipe of `method` (dino / moco / swav) and `recipe` (light / baseline / classic), with any
+    field overridden (None = keep). Overriding global_size alone rescales local_size by the same ratio,
     so 112 px global crops get 48 (baseline) or 64 (light) px local crops."""
-    key = method
-    if method == "dino":
-        key = "dino_vit" if arch.startswith("vit") else "dino_cnn"
+    key = ("dino_vit" if vit else "dino_cnn") if method == "dino" else method
     if (key, recipe) not in RECIPES:
         valid = sorted(r for m, r in RECIPES if m == key)
-        if not valid:
-            raise ValueError(f"unknown method {method!r}; valid: dino, moco, swav")
-        raise ValueError(f"no recipe {recipe!r} for {method}; valid: {', '.join(valid)}")
+        raise UserError(f"no recipe {recipe!r} for {method}; valid: {', '.join(valid) or 'none'}")
     base = RECIPES[(key, recipe)]
-    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
     if "global_size" in overrides and "local_size" not in overrides:
-        ratio = overrides["global_size"] / REFERENCE_GLOBAL_SIZE
-        overrides["local_size"] = max(1, round(base.local_size * ratio))
-    for name in ("global_scale", "local_scale", "loss_weights", "jitter", "blur_p"):
-        if name in overrides:
-            overrides[name] = tuple(overrides[name])
-    return dataclasses.replace(base, **overrides)
+        overrides["local_size"] = max(1, round(base.local_size * overrides["global_size"] / REFERENCE_GLOBAL_SIZE))
+    recipe = dataclasses.replace(base, **overrides)
+    for name, (low, high) in (("global", recipe.global_scale), ("local", recipe.local_scale)):
+        if not 0 < low <= high <= 1:
+            raise UserError(f"--{name}-scale {low} {high}: need 0 < MIN <= MAX <= 1")
+    if recipe.global_size < 16 or (recipe.local_crops and recipe.local_size < 8):
+        raise UserError(f"crops of {recipe.global_size} px (global) / {recipe.local_size} px (local) are too small "
+                        "for any backbone here: use --global-size >= 16 (locals >= 8 px)")
+    if recipe.local_crops < 0 or min(recipe.alpha_beta) < 0:
+        raise UserError("--local-crops and --loss-weights must not be negative")
+    return recipe
+
+
+def add_view_args(parser):
+    v = parser.add_argument_group("views (paper §3.3; --recipe light is the paper's, baseline the original method's)")
+    v.add_argument("--recipe", default="light",
+                   help="light: global (0.3,1), local (0.05,0.3) at 128 px, loss weights 0.4/0.6. baseline: the "
+                        "original crops (CNN (0.14,1)/(0.05,0.14), ViT (0.25,1)/(0.05,0.25), 96 px), plain average")
+    v.add_argument("--global-size", type=int, default=None,
+                   help="224; smaller sizes scale the local size by the same ratio (112 -> 48 / 64)")
+    v.add_argument("--local-size", type=int, default=None, help="light 128, baseline 96 (for 224 px global crops)")
+    v.add_argument("--local-crops", type=int, default=None, help="6 for CNNs, 10 for ViT-Tiny (the paper keeps it)")
+    v.add_argument("--global-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="light 0.3 1")
+    v.add_argument("--local-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="light 0.05 0.3")
+    v.add_argument("--loss-weights", type=float, nargs=2, default=None, metavar=("ALPHA", "BETA"),
+                   help="weights of the averaged global-global / global-local terms: light 0.4 0.6; "
+                        "baseline 1/(1+n_local), n_local/(1+n_local) = a plain average over pairs")
+    return parser
 
 
 class MultiCropTransform:
-    """PIL image -> [global_1, global_2, local_1, ..., local_n] normalised float tensors.
+    """PIL image -> [global_1, global_2, local_1, ..., local_n] uint8 (3, H, W) tensors (`normalize` them).
 
-    One pipeline is shared by all views; only blur (g1 / g2 / locals) and solarize (g2 only)
-    differ per view. Order inside a view (spec §1.2): crop -> flip -> colour jitter (with p) ->
-    grayscale -> Gaussian blur -> solarize -> tensor -> normalise. All randomness comes from
-    torch's RNG, so torch.manual_seed (and DataLoader worker seeding) makes it reproducible."""
+    One pipeline for all views; only blur (g1 / g2 / locals) and solarize (g2 only) differ per view.
+    Order inside a view (SSLight's src/data/transforms.py): crop -> flip -> colour jitter (with p) ->
+    grayscale -> Gaussian blur -> solarize. All randomness is torch's, so seeds make it reproducible."""
 
     def __init__(self, recipe: ViewRecipe):
         self.recipe = recipe
@@ -121,20 +146,19 @@ class MultiCropTransform:
         """(size, scale, blur_p, solarize_p) of each view, in output order."""
         r = self.recipe
         blur_g1, blur_g2, blur_local = r.blur_p
-        specs = [(r.global_size, r.global_scale, blur_g1, 0.0),
-                 (r.global_size, r.global_scale, blur_g2, r.solarize_p)]
+        specs = [(r.global_size, r.global_scale, blur_g1, 0.0), (r.global_size, r.global_scale, blur_g2, r.solarize_p)]
         return specs + [(r.local_size, r.local_scale, blur_local, 0.0)] * r.local_crops
 
     def __call__(self, image):
         return [view for view, _ in self.sample(image)]
 
     def sample(self, image):
-        """Like __call__ but also returns, per view, what was done: the crop box (left, top,
-        width, height) in source pixels and whether it was blurred / solarised."""
+        """Like __call__, and also what was done per view: the crop box (left, top, width, height) in
+        source pixels and whether it was blurred / solarised."""
         image = image.convert("RGB")
-        return [self._one_view(image, *spec) for spec in self.view_specs()]
+        return [self.one_view(image, *spec) for spec in self.view_specs()]
 
-    def _one_view(self, image, size, scale, blur_p, solarize_p):
+    def one_view(self, image, size, scale, blur_p, solarize_p):
         r = self.recipe
         top, left, h, w = T.RandomResizedCrop.get_params(image, scale=scale, ratio=(3 / 4, 4 / 3))
         view = TF.resized_crop(image, top, left, h, w, [size, size], self.interpolation)
@@ -146,40 +170,186 @@ class MultiCropTransform:
             view = TF.rgb_to_grayscale(view, num_output_channels=3)
         blurred = bool(torch.rand(()) < blur_p)
         if blurred:  # PIL Gaussian blur, radius ~ U(0.1, 2.0), as DINO / SwAV
-            radius = 0.1 + 1.9 * torch.rand(()).item()
-            view = view.filter(ImageFilter.GaussianBlur(radius=radius))
+            view = view.filter(ImageFilter.GaussianBlur(radius=0.1 + 1.9 * torch.rand(()).item()))
         solarized = bool(torch.rand(()) < solarize_p)
         if solarized:
             view = ImageOps.solarize(view, threshold=128)
-        tensor = TF.normalize(TF.to_tensor(view), IMAGENET_MEAN, IMAGENET_STD)
-        return tensor, dict(box=(left, top, w, h), blurred=blurred, solarized=solarized)
+        return TF.pil_to_tensor(view), dict(box=(left, top, w, h), blurred=blurred, solarized=solarized)
 
 
 def eval_transform(global_size=224):
-    """Resize(256) + CenterCrop(224), bicubic, scaled for other global sizes (spec §1.2, §4.1)."""
-    resize = round(global_size * 256 / 224)
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(global_size), T.ToTensor(),
-                      T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    """Resize(256) + CenterCrop(224), bicubic, scaled for other global sizes (paper §4) -> uint8 tensor."""
+    return T.Compose([T.Resize(round(global_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+                      T.CenterCrop(global_size), T.PILToTensor()])
+
+
+def probe_transform(global_size=224):
+    """The linear probe's training augmentation: RandomResizedCrop (bicubic) + flip (paper §4) -> uint8."""
+    return T.Compose([T.RandomResizedCrop(global_size, interpolation=T.InterpolationMode.BICUBIC),
+                      T.RandomHorizontalFlip(), T.PILToTensor()])
+
+
+def normalize(images, device, memory_format=torch.contiguous_format):
+    """uint8 (B, 3, H, W) from the loader -> float32 ImageNet-normalised on `device`: one copy of 1 byte
+    per pixel, then (x / 255 - mean) / std = x * a + b as one fused multiply-add."""
+    images = images.to(device, non_blocking=True)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    scale, shift = 1 / (255 * std), -torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) / std
+    return torch.addcmul(shift, images, scale).contiguous(memory_format=memory_format)
 
 
 # ----------------------------------------------------------------------------------------------
-# The picture: sampled boxes on the source image, augmented crops beside it
+# Data sets: an image folder, a torchvision set, or the built-in synthetic demo
+# ----------------------------------------------------------------------------------------------
+
+DATA_HELP = ("an ImageFolder root (ImageNet layout: DIR/train), a flat folder of images, cifar10 | cifar100 | stl10 "
+             "(torchvision, downloaded into ./data), or synthetic (the built-in demo set, no files)")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SHAPES = ["circle", "square", "triangle", "cross", "ring", "diamond", "star", "h_stripes", "v_stripes", "checker"]
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """A deterministic 10-class demo set made on the fly: class = a shape or texture at a random
+    position, size and rotation, in random colours. No files, no download."""
+
+    def __init__(self, num_images=2000, size=64, transform=None, seed=0):
+        self.num_images, self.size, self.transform, self.seed = num_images, size, transform, seed
+        self.classes = SHAPES
+
+    def __len__(self):
+        return self.num_images
+
+    def render(self, index):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        rand = lambda: torch.rand((), generator=g).item()
+        colour = lambda: tuple(int(c) for c in torch.randint(0, 256, (3,), generator=g))
+        label, s = index % len(SHAPES), self.size
+        image = Image.new("RGB", (s, s), colour())
+        draw, fg, shape = ImageDraw.Draw(image), colour(), SHAPES[label]
+        if shape.endswith("stripes") or shape == "checker":
+            period = max(2, int(s * (0.1 + 0.15 * rand())))
+            for a in range(0, s, period):
+                for b in range(0, s, period):
+                    on = {"h_stripes": (b // period) % 2, "v_stripes": (a // period) % 2,
+                          "checker": (a // period + b // period) % 2}[shape]
+                    if on:
+                        draw.rectangle([a, b, a + period - 1, b + period - 1], fill=fg)
+            return image, label
+        r = s * (0.2 + 0.15 * rand())
+        cx, cy, turn = r + (s - 2 * r) * rand(), r + (s - 2 * r) * rand(), 2 * math.pi * rand()
+        polygon = lambda radii, n: [(cx + radii[k % len(radii)] * math.cos(turn + 2 * math.pi * k / n),
+                                     cy + radii[k % len(radii)] * math.sin(turn + 2 * math.pi * k / n))
+                                    for k in range(n)]
+        if shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
+        elif shape == "ring":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=max(2, int(r / 3)))
+        elif shape in ("square", "diamond", "triangle", "star"):
+            radii, corners = {"square": ([r], 4), "diamond": ([r, 0.5 * r], 4), "triangle": ([r], 3),
+                              "star": ([r, 0.4 * r], 10)}[shape]
+            draw.polygon(polygon(radii, corners), fill=fg)
+        elif shape == "cross":
+            w = r / 3
+            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
+            draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
+        return image, label
+
+    def __getitem__(self, index):
+        image, label = self.render(index)
+        return (self.transform(image) if self.transform else image), label
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Images under `root`: an ImageFolder layout (root/<class>/<image>) or a flat folder of unlabelled
+    images (label 0). An unreadable image (a broken file, a decompression bomb) is skipped with a warning
+    naming it and the next image is used instead. The count of bad images lives in shared memory, so the
+    1% limit means the same with any number of loader processes."""
+
+    def __init__(self, root, transform=None):
+        if not os.path.isdir(root):
+            raise UserError(f"{root!r}: no such folder")
+        self.root, self.transform = root, transform
+        is_image = lambda name: name.lower().endswith(IMAGE_EXTENSIONS)
+        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        self.samples, self.classes = [], []
+        for c in subdirs:
+            files = [os.path.join(d, f) for d, _, fs in sorted(os.walk(os.path.join(root, c), followlinks=True))
+                     for f in sorted(fs) if is_image(f)]
+            if files:
+                self.samples += [(path, len(self.classes)) for path in files]
+                self.classes.append(c)
+        if not self.classes:  # a flat folder of unlabelled images
+            self.classes = ["unlabelled"]
+            self.samples = [(os.path.join(root, f), 0) for f in sorted(os.listdir(root)) if is_image(f)]
+        if not self.samples:
+            raise UserError(f"{root!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or in its sub-folders")
+        self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()  # seen by every loader process
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        for offset in range(len(self.samples)):
+            path, label = self.samples[(index + offset) % len(self.samples)]
+            try:
+                with Image.open(path) as f:
+                    image = f.convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                if not self.bad[(index + offset) % len(self.samples)]:
+                    self.bad[(index + offset) % len(self.samples)] = True
+                    warnings.warn(f"skipping unreadable image {path}: {error}")
+                if self.bad.sum() > max(1, 0.01 * len(self.samples)):
+                    raise RuntimeError(f"more than 1% of the images under {self.root} are unreadable "
+                                       f"({int(self.bad.sum())} so far, e.g. {path}); fix the data set") from None
+                continue
+            return (self.transform(image) if self.transform else image), label
+        raise RuntimeError(f"no readable image under {self.root}")
+
+
+def build_dataset(data, transform=None, split="train", download=True):
+    """--data value -> Dataset of (transform(image), label). split: "train" (every training image; STL-10
+    includes its 100k unlabelled ones), "labelled" (with labels, for kNN banks and probes) or "val"."""
+    if data == "synthetic":
+        return SyntheticShapes(500 if split == "val" else 2000, transform=transform, seed=1 if split == "val" else 0)
+    if data in ("cifar10", "cifar100", "stl10"):
+        cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
+               "stl10": torchvision.datasets.STL10}[data]
+        if data == "stl10":
+            which = dict(split={"train": "train+unlabeled", "labelled": "train", "val": "test"}[split])
+        else:
+            which = dict(train=split != "val")
+        try:
+            return cls("data", download=download, transform=transform, **which)
+        except Exception as error:  # offline and not on disk yet
+            raise UserError(f"--data {data}: not in ./data and not downloadable ({type(error).__name__}: {error}); "
+                            "download it once with internet access, or pass an ImageFolder path") from None
+    return ImageFiles(data, transform)
+
+
+def build_eval_datasets(eval_data, transform, train_transform=None, download=True):
+    """-> (labelled train set, val set): a root with train/ and val/ image folders, or a named set. The
+    train set uses train_transform when given (linear probe), else transform (kNN bank)."""
+    if eval_data in ("synthetic", "cifar10", "cifar100", "stl10"):
+        return (build_dataset(eval_data, train_transform or transform, "labelled", download),
+                build_dataset(eval_data, transform, "val", download))
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(eval_data, split)):
+            raise UserError(f"{eval_data!r} has no {split}/ folder: evaluation data needs ROOT/train and ROOT/val")
+    return (ImageFiles(os.path.join(eval_data, "train"), train_transform or transform),
+            ImageFiles(os.path.join(eval_data, "val"), transform))
+
+
+# ----------------------------------------------------------------------------------------------
+# The picture: sampled boxes on the source image, the augmented crops beside it
 # ----------------------------------------------------------------------------------------------
 
 BOX_COLORS = ["#e6194b", "#f58231", "#3cb44b", "#4363d8", "#911eb4", "#42d4f4",
               "#f032e6", "#bfef45", "#469990", "#9a6324", "#800000", "#000075"]
 
 
-def _to_pil(tensor):
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return TF.to_pil_image((tensor * std + mean).clamp(0, 1))
-
-
 def draw_views(image, recipe, title="", panel=224):
-    """One row: the source (boxes: thick = global, thin = local) then every view at its true
-    relative size (a 128 px local is drawn 128/224 the size of a global crop)."""
+    """One row: the source (boxes: thick = global, thin = local) then every view at its true relative
+    size (a 128 px local is drawn 128/224 the size of a global crop)."""
     image = image.convert("RGB")
     views = MultiCropTransform(recipe).sample(image)
     scale = panel / max(image.size)
@@ -187,17 +357,14 @@ def draw_views(image, recipe, title="", panel=224):
     draw = ImageDraw.Draw(source)
     for i, (_, info) in enumerate(views):
         left, top, w, h = (v * scale for v in info["box"])
-        draw.rectangle([left, top, left + w, top + h], outline=BOX_COLORS[i % len(BOX_COLORS)],
-                       width=3 if i < 2 else 1)
-    pad, label_h = 6, 16
-    tiles = []
+        draw.rectangle([left, top, left + w, top + h], outline=BOX_COLORS[i % 12], width=3 if i < 2 else 1)
+    pad, label_h, tiles = 6, 16, []
     for i, (tensor, info) in enumerate(views):
         side = round(panel * tensor.shape[-1] / recipe.global_size)
-        tile = _to_pil(tensor).resize((side, side), Image.BICUBIC)
-        framed = Image.new("RGB", (side + 4, side + 4), BOX_COLORS[i % len(BOX_COLORS)])
-        framed.paste(tile, (2, 2))
-        tiles.append((framed, ("g%d" % (i + 1) if i < 2 else "l%d" % (i - 1))
-                      + (" blur" if info["blurred"] else "") + (" sol" if info["solarized"] else "")))
+        framed = Image.new("RGB", (side + 4, side + 4), BOX_COLORS[i % 12])
+        framed.paste(TF.to_pil_image(tensor).resize((side, side), Image.BICUBIC), (2, 2))
+        name = ("g%d" % (i + 1) if i < 2 else "l%d" % (i - 1))
+        tiles.append((framed, name + (" blur" if info["blurred"] else "") + (" sol" if info["solarized"] else "")))
     width = source.width + pad + sum(t.width + pad for t, _ in tiles)
     row = Image.new("RGB", (width, panel + 4 + 2 * label_h), "white")
     text = ImageDraw.Draw(row)
@@ -211,15 +378,6 @@ def draw_views(image, recipe, title="", panel=224):
     return row
 
 
-def stack_rows(rows):
-    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
-    y = 0
-    for r in rows:
-        sheet.paste(r, (0, y))
-        y += r.height
-    return sheet
-
-
 def describe(recipe):
     alpha, beta = recipe.alpha_beta
     return (f"global {recipe.global_size}px scale {recipe.global_scale} | {recipe.local_crops} local "
@@ -230,7 +388,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Draw the multi-crop views sampled from one image.")
     parser.add_argument("image", help="path of an image file")
     parser.add_argument("--method", default="dino", choices=["dino", "moco", "swav"])
-    parser.add_argument("--arch", default="resnet18", help="vit_* selects DINO's ViT recipe (10 locals)")
+    parser.add_argument("--vit", action="store_true", help="DINO's ViT recipe (10 locals)")
     parser.add_argument("--recipe", default="light", choices=["light", "baseline", "classic"])
     parser.add_argument("--compare", action="store_true", help="draw baseline and light, one row each")
     parser.add_argument("--seed", type=int, default=0)
@@ -238,13 +396,12 @@ if __name__ == "__main__":
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     source = Image.open(args.image)
-    names = ["baseline", "light"] if args.compare else [args.recipe]
     rows = []
-    for name in names:
-        recipe = get_recipe(args.method, name, args.arch)
+    for name in (["baseline", "light"] if args.compare else [args.recipe]):
+        recipe = get_recipe(args.method, name, args.vit)
         rows.append(draw_views(source, recipe, f"{args.method} {name}: {describe(recipe)}"))
-    sheet = stack_rows(rows)
-    if args.out.lower().endswith(".png"):  # 256 colours: ~1/3 of the RGB file size, hardly visible
-        sheet = sheet.quantize(256)
-    sheet.save(args.out)
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    for i, r in enumerate(rows):
+        sheet.paste(r, (0, sum(r.height for r in rows[:i])))
+    (sheet.quantize(256) if args.out.lower().endswith(".png") else sheet).save(args.out)  # 256 colours: ~1/3 the size
     print(f"wrote {args.out}")

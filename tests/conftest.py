@@ -14,7 +14,7 @@ torch.set_num_threads(2)
 
 def make_image_folder(root, n_per_class=8, classes=("a", "b"), size=32):
     """A tiny ImageFolder of generated shapes (tests never download or read ../shared)."""
-    from training import SyntheticShapes
+    from views import SyntheticShapes
     shapes = SyntheticShapes(10 * n_per_class, size=size)
     for c, name in enumerate(classes):
         os.makedirs(os.path.join(root, name), exist_ok=True)

@@ -12,6 +12,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 module_name, out_prefix, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
 method = importlib.import_module(module_name)
 rank = int(os.environ["RANK"])
-modules = method.main(method.get_args_parser().parse_args(flags))
+modules = method.main(flags)
 torch.save({name: m.state_dict() if hasattr(m, "state_dict") else m for name, m in modules.items()},
            f"{out_prefix}.rank{rank}")

@@ -1,3 +1,5 @@
+"""dino.py: the loss by hand, centring, schedules, EMA, the head, real steps, and whole runs (export, resume,
+extension, refusals, kills, locks, broken checkpoints, torchrun)."""
 import json
 import math
 import os
@@ -10,8 +12,8 @@ import pytest
 import torch
 import torchvision
 
+import backbones
 import dino
-import training
 from conftest import ROOT, TinyBackbone, assert_ranks_identical, make_image_folder, run_torchrun, subprocess_env
 
 
@@ -35,26 +37,27 @@ def test_loss_matches_hand_computation(weights):
                [0.0, 0.0, 1.0], [0.3, 0.3, -0.6]]    # global 2
     alpha, beta = (0.4, 0.6) if weights == "light" else (1 / 2, 1 / 2)  # baseline, 1 local: 1/(1+1)
     loss_fn = dino.DINOLoss(3, local_crops=1, alpha=alpha, beta=beta, student_temp=0.1)
-    loss = loss_fn(torch.tensor(student), torch.tensor(teacher), teacher_temp=0.04).item()
+    loss, (teacher_entropy, _) = loss_fn(torch.tensor(student), torch.tensor(teacher), teacher_temp=0.04)
 
     s_logp = [[math.log(v) for v in softmax(r, 0.1)] for r in student]
-    t_p = [softmax(r, 0.04) for r in teacher]  # centre is 0 at the first call
+    t_p = [softmax(r, 0.04) for r in teacher]  # the centre is 0 at the first call
     S = [s_logp[0:2], s_logp[2:4], s_logp[4:6]]
     Tp = [t_p[0:2], t_p[2:4]]
     gg = (hand_ce(Tp[0], S[1]) + hand_ce(Tp[1], S[0])) / 2
     gl = (hand_ce(Tp[0], S[2]) + hand_ce(Tp[1], S[2])) / 2
-    assert loss == pytest.approx(alpha * gg + beta * gl, rel=1e-5)
+    assert loss.item() == pytest.approx(alpha * gg + beta * gl, rel=1e-5)
     if weights == "baseline":  # = DINO's plain average over the 4 (teacher, other student view) pairs
         plain = (hand_ce(Tp[0], S[1]) + hand_ce(Tp[0], S[2]) + hand_ce(Tp[1], S[0]) + hand_ce(Tp[1], S[2])) / 4
-        assert loss == pytest.approx(plain, rel=1e-5)
+        assert loss.item() == pytest.approx(plain, rel=1e-5)
+    entropy = sum(-sum(p * math.log(p) for p in row) for row in t_p) / 4
+    assert teacher_entropy.item() == pytest.approx(entropy, rel=1e-4)
 
 
 def test_baseline_weights_give_official_dino_average():
     torch.manual_seed(0)
     n_local, B, K = 6, 4, 10
-    alpha, beta = 1 / 7, 6 / 7
     student, teacher = torch.randn((2 + n_local) * B, K), torch.randn(2 * B, K)
-    loss = dino.DINOLoss(K, n_local, alpha, beta)(student, teacher, 0.04)
+    loss, _ = dino.DINOLoss(K, n_local, 1 / 7, 6 / 7)(student, teacher, 0.04)
     # The official DINOLoss loop: every (teacher view iq, student view v != iq), total / n_terms.
     s = torch.log_softmax(student / 0.1, -1).chunk(2 + n_local)
     t = torch.softmax(teacher / 0.04, -1).chunk(2)
@@ -69,38 +72,55 @@ def test_baseline_weights_give_official_dino_average():
 
 def test_center_update():
     loss_fn = dino.DINOLoss(3, local_crops=0, alpha=1.0, beta=0.0, center_momentum=0.9)
-    t1 = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
-    loss_fn(torch.zeros(4, 3), t1, 0.04)
+    loss_fn.update_center(torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]]))
     assert torch.allclose(loss_fn.center, 0.1 * torch.tensor([[2.0, 2.0, 2.0]]))
-    t2 = torch.tensor([[0.0, 0.0, 10.0], [0.0, 0.0, 0.0]])
-    loss_fn(torch.zeros(4, 3), t2, 0.04)
+    loss_fn.update_center(torch.tensor([[0.0, 0.0, 10.0], [0.0, 0.0, 0.0]]))
     assert torch.allclose(loss_fn.center, torch.tensor([[0.18, 0.18, 0.18 + 0.5]]))
 
 
 def test_schedules_at_known_steps():
-    lr = training.cosine_schedule(1.92, 0.0048, epochs=4, iters_per_epoch=10, warmup_epochs=2)
+    lr = dino.cosine_schedule(1.92, 0.0048, epochs=4, iters_per_epoch=10, warmup_epochs=2)
     assert len(lr) == 40
     assert lr[0] == 0.0 and lr[10] == pytest.approx(0.96) and lr[20] == pytest.approx(1.92)
     assert lr[30] == pytest.approx(0.0048 + 0.5 * (1.92 - 0.0048) * (1 + math.cos(math.pi * 10 / 20)))
-    assert lr[-1] > 0.0048 and lr[-1] < 0.02  # approaches, never hits, the final value (as DINO)
-    swav_lr = training.cosine_schedule(1.2, 0.0048, 2, 5, warmup_epochs=1, start_warmup=0.075)
+    assert 0.0048 < lr[-1] < 0.02  # approaches, never hits, the final value (as DINO)
+    half = dino.cosine_schedule(1.0, 0.0, epochs=2, iters_per_epoch=10, warmup_epochs=0.5)  # fractional warm-up
+    assert half[:6] == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    swav_lr = dino.cosine_schedule(1.2, 0.0048, 2, 5, warmup_epochs=1, start_warmup=0.075)
     assert swav_lr[0] == pytest.approx(0.075) and swav_lr[5] == pytest.approx(1.2)
-    momentum = training.cosine_schedule(0.996, 1.0, 2, 5)
+    momentum = dino.cosine_schedule(0.996, 1.0, 2, 5)
     assert momentum[0] == pytest.approx(0.996) and all(a < b for a, b in zip(momentum, momentum[1:]))
-    args = dino.get_args_parser().parse_args(["--epochs", "60", "--arch", "resnet18"])
-    dino.resolve_defaults(args)
-    temps = dino.teacher_temp_schedule(args)  # CNN: 0.04 -> 0.07 over 50 epochs, then 0.07
+    temps = dino.teacher_temp_schedule(0.04, 0.07, 50, 60)  # CNN: 0.04 -> 0.07 over 50 epochs, then 0.07
     assert len(temps) == 60 and temps[0] == pytest.approx(0.04)
     assert temps[25] == pytest.approx(0.055) and temps[50] == temps[59] == pytest.approx(0.07)
 
 
-def test_paper_defaults_per_arch():
-    cnn = dino.resolve_defaults(dino.get_args_parser().parse_args(["--arch", "mobilenet_v2"]))
-    vit = dino.resolve_defaults(dino.get_args_parser().parse_args(["--arch", "vit_tiny"]))
-    assert (cnn.out_dim, cnn.use_bn_in_head, cnn.norm_last_layer, cnn.optimizer, cnn.lr) == (4096, True, True, "lars", 0.48)
+def config_for(*flags):
+    parser = dino.get_args_parser()
+    return dino.resolve_config(parser.parse_args(list(flags)), dino.given_flags(parser, list(flags)), 1)
+
+
+def test_paper_defaults_per_arch_and_short_run_warmups():
+    cnn, vit = config_for("--arch", "mobilenet_v2"), config_for("--arch", "vit_tiny")
+    assert (cnn.out_dim, cnn.use_bn_in_head, cnn.norm_last_layer, cnn.optimizer, cnn.lr) == (4096, 1, 1, "lars", 0.48)
     assert (cnn.weight_decay, cnn.weight_decay_end, cnn.warmup_teacher_temp_epochs) == (1e-6, 1e-6, 50)
-    assert (vit.out_dim, vit.use_bn_in_head, vit.norm_last_layer, vit.optimizer, vit.lr) == (65536, False, False, "adamw", 5e-4)
+    assert (cnn.warmup_epochs, cnn.local_crops, cnn.local_size, cnn.loss_weights) == (10, 6, 128, (0.4, 0.6))
+    assert (vit.out_dim, vit.use_bn_in_head, vit.norm_last_layer, vit.optimizer, vit.lr) == (65536, 0, 0, "adamw", 5e-4)
     assert (vit.weight_decay, vit.weight_decay_end, vit.warmup_teacher_temp_epochs, vit.drop_path) == (0.04, 0.4, 30, 0.1)
+    assert vit.local_crops == 10
+    short = config_for("--epochs", "20")  # the paper's warm-ups keep their fraction of the run
+    assert (short.warmup_epochs, short.warmup_teacher_temp_epochs) == (1.0, 5)
+    given = config_for("--epochs", "20", "--warmup-epochs", "3")
+    assert given.warmup_epochs == 3
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be >= 1"), (["--lr", "-0.5"], "--lr"), (["--batch-size", "0"], "--batch-size"),
+    (["--global-size", "7"], "too small"), (["--arch", "vit_tiny", "--global-size", "32"], "multiples of its 16 px"),
+    (["--global-scale", "0.5", "0.2"], "--global-scale")])
+def test_nonsense_values_are_refused_before_training(flags, message):
+    with pytest.raises(dino.UserError, match=message):
+        config_for(*flags)
 
 
 def test_ema_update():
@@ -108,6 +128,13 @@ def test_ema_update():
     student = [torch.tensor([3.0, 0.0]), torch.tensor([[10.0]])]
     dino.ema_update(teacher, student, momentum=0.9)
     assert torch.allclose(teacher[0], torch.tensor([1.2, 1.8])) and torch.allclose(teacher[1], torch.tensor([[1.0]]))
+
+
+def test_clip_gradients_per_parameter():
+    a, b = torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)
+    a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.1, 0.0])
+    dino.clip_gradients([a, b], clip=1.0)
+    assert a.grad.norm().item() == pytest.approx(1.0, rel=1e-5) and torch.equal(b.grad, torch.tensor([0.1, 0.0]))
 
 
 def test_head_last_layer_is_weight_normalised():
@@ -123,8 +150,7 @@ def test_head_last_layer_is_weight_normalised():
 def test_training_steps_reduce_the_loss():
     torch.manual_seed(0)
     head = lambda: dino.DINOHead(16, 64, use_bn=True, norm_last_layer=True)
-    student = dino.DINONet(TinyBackbone(), head())
-    teacher = dino.DINONet(TinyBackbone(), head())
+    student, teacher = dino.DINONet(TinyBackbone(), head()), dino.DINONet(TinyBackbone(), head())
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     loss_fn = dino.DINOLoss(64, 2, 0.4, 0.6)
@@ -132,88 +158,15 @@ def test_training_steps_reduce_the_loss():
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-3)
     losses = []
     for _ in range(20):
-        loss = loss_fn(student(crops), teacher(crops[:2]), 0.04)
+        teacher_out = teacher(crops[:2])
+        loss, _ = loss_fn(student(crops), teacher_out, 0.04)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         dino.ema_update(list(teacher.parameters()), list(student.parameters()), 0.996)
+        loss_fn.update_center(teacher_out)
         losses.append(loss.item())
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
-
-
-def small_run_flags(data, out, *extra):
-    return ["--arch", "resnet18", "--data", data, "--output-dir", str(out), "--epochs", "1", "--batch-size", "4",
-            "--workers", "0", "--global-size", "32", "--local-crops", "2", "--out-dim", "64", "--log-every", "1",
-            *extra]
-
-
-def test_main_run_freezes_last_layer_exports_and_refuses_bad_resume(image_folder, tmp_path):
-    out = tmp_path / "run"
-    flags = small_run_flags(image_folder, out, "--export", str(tmp_path / "r18.pth"))
-    torch.manual_seed(0)
-    initial = dino.build_dino_net(dino.resolve_defaults(dino.get_args_parser().parse_args(flags)), 0.0)
-    dino.main(dino.get_args_parser().parse_args(flags))
-    checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert checkpoint["epoch"] == 1 and checkpoint["method"] == "dino"
-    student, teacher = checkpoint["student"], checkpoint["teacher"]
-    # Epoch 0 is inside --freeze-last-layer 1: the last layer never moved (student = teacher = init).
-    assert torch.equal(student["head.last_layer.weight_v"], initial.state_dict()["head.last_layer.weight_v"])
-    assert torch.equal(teacher["head.last_layer.weight_v"], student["head.last_layer.weight_v"])
-    assert not torch.equal(student["head.mlp.0.weight"], initial.state_dict()["head.mlp.0.weight"])
-    assert not torch.equal(teacher["head.mlp.0.weight"], student["head.mlp.0.weight"])  # EMA lags
-    record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    assert {"loss", "lr", "wd", "teacher_temp", "img_per_s"} <= set(record) and math.isfinite(record["loss"])
-    assert json.loads((out / "args.json").read_text())["arch"] == "resnet18"
-    # The exported teacher backbone loads into torchvision with only the classifier missing.
-    missing, unexpected = torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / "r18.pth"), strict=False)
-    assert missing == ["fc.weight", "fc.bias"] and unexpected == []
-    with pytest.raises(SystemExit, match="refusing to resume.*epochs"):
-        dino.main(dino.get_args_parser().parse_args(small_run_flags(image_folder, out, "--epochs", "3")))
-    smaller = make_image_folder(tmp_path / "smaller", n_per_class=4)  # 8 images: 2 iterations, not 4
-    with pytest.raises(SystemExit, match="refusing to resume.*iters_per_epoch: checkpoint 4 vs now 2"):
-        dino.main(dino.get_args_parser().parse_args(small_run_flags(smaller, out)))
-
-
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(image_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(dino, "build_backbone", lambda arch, **kw: TinyBackbone())
-    nan_loss = lambda self, s, t, temp: (s.sum() + t.sum()) * float("nan")
-    monkeypatch.setattr(dino.DINOLoss, "forward", nan_loss)
-    with pytest.raises(SystemExit, match="non-finite loss at iteration 0"):
-        dino.main(dino.get_args_parser().parse_args(small_run_flags(image_folder, tmp_path / "nan")))
-    assert not (tmp_path / "nan" / "checkpoint.pth").exists()
-
-
-def test_torchrun_two_cpu_processes_end_identical(image_folder, tmp_path):
-    flags = small_run_flags(image_folder, tmp_path / "ddp", "--batch-size", "2")
-    ranks, result = run_torchrun("dino", tmp_path / "state", flags)
-    assert "world 2" in result.stdout
-    assert_ranks_identical(ranks, ("student", "teacher", "dino_loss"))  # weights and the centre
-    assert ranks[0]["dino_loss"]["center"].abs().sum() > 0
-
-
-def test_kill_during_training_then_resume(tmp_path):
-    data = make_image_folder(tmp_path / "images", n_per_class=16)
-    out = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(ROOT, "dino.py"),
-           *small_run_flags(data, out, "--epochs", "2", "--save-every", "1")]
-    process = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint_path = out / "checkpoint.pth"
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None:  # wait for a mid-epoch checkpoint
-        if checkpoint_path.exists() and torch.load(checkpoint_path, weights_only=False)["step_in_epoch"] >= 2:
-            break
-        time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    killed_at = torch.load(checkpoint_path, weights_only=False)
-    epoch, step = killed_at["epoch"], killed_at["step_in_epoch"]
-    assert epoch < 2 and (epoch, step) != (0, 0)
-    resumed = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {checkpoint_path}: epoch {epoch}, step {step}" in resumed.stdout
-    final = torch.load(checkpoint_path, weights_only=False)
-    assert final["epoch"] == 2 and final["step_in_epoch"] == 0
-    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
 
 
 def test_loss_stays_float32_under_autocast():
@@ -221,13 +174,207 @@ def test_loss_stays_float32_under_autocast():
     # elementwise in fp32); checked with CPU autocast, which lowers matmuls the same way.
     torch.manual_seed(0)
     student, teacher = torch.randn(4 * 8, 512) * 3, torch.randn(2 * 8, 512) * 3
-    reference = dino.DINOLoss(512, 2, 0.4, 0.6)(student, teacher, 0.04)
+    reference, _ = dino.DINOLoss(512, 2, 0.4, 0.6)(student, teacher, 0.04)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_amp = dino.DINOLoss(512, 2, 0.4, 0.6)(student, teacher, 0.04)
+        under_amp, _ = dino.DINOLoss(512, 2, 0.4, 0.6)(student, teacher, 0.04)
     assert under_amp.dtype == torch.float32 and under_amp.item() == pytest.approx(reference.item(), rel=1e-6)
 
 
-def test_vit_crop_sizes_must_fit_the_patches(tmp_path):
-    flags = ["--arch", "vit_tiny", "--global-size", "32", "--output-dir", str(tmp_path)]  # locals 18 px
-    with pytest.raises(SystemExit, match="multiples of its 16 px patches.*local 18"):
-        dino.main(dino.get_args_parser().parse_args(flags))
+# ----------------------------------------------------------------------------------------------
+# Whole runs
+# ----------------------------------------------------------------------------------------------
+
+def small_run_flags(data, out, *extra):
+    return ["--arch", "resnet18", "--data", str(data), "--output-dir", str(out), "--epochs", "1", "--batch-size", "4",
+            "--workers", "0", "--global-size", "32", "--local-crops", "2", "--out-dim", "64", "--log-every", "1",
+            *extra]
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    """A 2-layer CNN instead of the real backbone, for whole runs that test logic."""
+    monkeypatch.setattr(backbones, "build_backbone", lambda arch, **kw: TinyBackbone())
+
+
+def test_main_run_freezes_last_layer_exports_and_logs(image_folder, tmp_path):
+    out, eval_data = tmp_path / "run", tmp_path / "eval"
+    make_image_folder(eval_data / "train", n_per_class=4), make_image_folder(eval_data / "val", n_per_class=2)
+    flags = small_run_flags(image_folder, out, "--export", str(tmp_path / "r18.pth"), "--eval-data", str(eval_data),
+                            "--amp", "auto")
+    torch.manual_seed(0)
+    initial = dino.build_dino_net("resnet18", 64, 1, 1).state_dict()
+    dino.main(flags)
+    checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert checkpoint["epoch"] == 1 and checkpoint["method"] == "dino"
+    student, teacher = checkpoint["student"], checkpoint["teacher"]
+    # Epoch 1 is inside --freeze-last-layer 1: the last layer never moved (student = teacher = init).
+    assert torch.equal(student["head.last_layer.weight_v"], initial["head.last_layer.weight_v"])
+    assert torch.equal(teacher["head.last_layer.weight_v"], student["head.last_layer.weight_v"])
+    assert not torch.equal(student["head.mlp.0.weight"], initial["head.mlp.0.weight"])
+    assert not torch.equal(teacher["head.mlp.0.weight"], student["head.mlp.0.weight"])  # EMA lags
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1] and "knn_top1" in records[0] and "knn_top1" in records[1]
+    assert {"loss", "lr", "wd", "teacher_temp", "img_per_s", "teacher_entropy", "embedding_std"} <= set(records[1])
+    assert math.isfinite(records[1]["loss"])
+    saved = json.loads((out / "args.json").read_text())
+    assert saved["arch"] == "resnet18" and saved["amp"] == "off"  # the value in force on the CPU, not "auto"
+    # The exported teacher backbone loads into torchvision with only the classifier missing.
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / "r18.pth"), strict=False)
+    assert missing == ["fc.weight", "fc.bias"] and unexpected == []
+
+
+def test_refused_change_names_the_flags_and_keeps_the_record(image_folder, tmp_path, tiny):
+    out = tmp_path / "run"
+    dino.main(small_run_flags(image_folder, out))
+    args_json, log = (out / "args.json").read_text(), (out / "log.jsonl").read_text()
+    with pytest.raises(dino.UserError, match=r"--local-scale \(0.05, 0.3\) -> \[0.1, 0.2\], --lr 0.48 -> 0.1$"):
+        dino.main(small_run_flags(image_folder, out, "--epochs", "2", "--lr", "0.1", "--local-scale", "0.1", "0.2"))
+    smaller = make_image_folder(tmp_path / "smaller", n_per_class=4)
+    with pytest.raises(dino.UserError, match="now has 8 images, the run was trained on 16"):
+        dino.main(small_run_flags(smaller, out, "--epochs", "2"))
+    assert (out / "args.json").read_text() == args_json and (out / "log.jsonl").read_text() == log
+
+
+def test_finished_run_export_and_extension(image_folder, tmp_path, tiny, capsys):
+    out = tmp_path / "run"
+    dino.main(small_run_flags(image_folder, out))
+    first = torch.load(out / "checkpoint.pth", weights_only=False)
+    # A rerun of a finished run says so; --export needs only --output-dir (the settings come from the checkpoint).
+    dino.main(["--output-dir", str(out), "--export", str(tmp_path / "tiny.pth"), "--workers", "0"])
+    assert "this run is finished: 1 epochs" in capsys.readouterr().out
+    exported = torch.load(tmp_path / "tiny.pth")
+    assert exported.keys() == {k[len("backbone."):] for k in first["teacher"] if k.startswith("backbone.")}
+    with pytest.raises(dino.UserError, match="cannot shorten"):
+        dino.main(["--output-dir", str(out), "--epochs", "0", "--workers", "0"])
+    # --epochs 2 extends it: the schedules are recomputed for 2 epochs and the log gets one more line.
+    dino.main(["--output-dir", str(out), "--epochs", "2", "--workers", "0"])
+    assert "extending the run from 1 to 2 epochs" in capsys.readouterr().out
+    extended = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert extended["epoch"] == 2 and extended["config"]["epochs"] == 2
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((out / "args.json").read_text())["epochs"] == 2
+
+
+def test_broken_checkpoints_fall_back_or_are_named(image_folder, tmp_path, tiny, capsys):
+    out = tmp_path / "run"
+    dino.main(small_run_flags(image_folder, out, "--epochs", "2"))
+    assert (out / "checkpoint.pth.prev").exists()  # the previous good checkpoint is kept beside the new one
+    (out / "checkpoint.pth").write_bytes((out / "checkpoint.pth").read_bytes()[:1000])  # truncated
+    dino.main(small_run_flags(image_folder, out, "--epochs", "2"))  # falls back to epoch 1, trains epoch 2 again
+    text = capsys.readouterr().out
+    assert f"cannot read {out / 'checkpoint.pth'}" in text and "resumed from" in text
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 2
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
+    for name in ("checkpoint.pth", "checkpoint.pth.prev"):
+        (out / name).write_bytes(b"")
+    with pytest.raises(dino.UserError, match="no readable checkpoint.*checkpoint.pth, .*checkpoint.pth.prev"):
+        dino.main(small_run_flags(image_folder, out, "--epochs", "2"))
+
+
+def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth")
+    dino.save_checkpoint({"epoch": 1}, path)
+
+    def disk_full(state, file):
+        open(file, "wb").write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(dino.UserError, match="could not write the checkpoint.*the last good one is kept"):
+        dino.save_checkpoint({"epoch": 2}, path)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth"]
+    assert torch.load(path, weights_only=False)["epoch"] == 1
+
+
+def test_output_dir_lock(tmp_path):
+    out = tmp_path / "run"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        out.mkdir()
+        (out / "lock").write_text(f"{os.uname().nodename} {sleeper.pid}")
+        with pytest.raises(dino.UserError, match=f"in use by another run .* pid {sleeper.pid}"):
+            dino.lock_output_dir(str(out))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    dino.lock_output_dir(str(out))  # the holder is dead: the stale lock is taken over
+    assert (out / "lock").read_text() == f"{os.uname().nodename} {os.getpid()}"
+
+
+def test_bad_eval_data_is_found_before_training(image_folder, tmp_path, tiny):
+    out = tmp_path / "run"
+    with pytest.raises(dino.UserError, match="has no train/ folder"):
+        dino.main(small_run_flags(image_folder, out, "--eval-data", str(tmp_path)))
+    assert not (out / "checkpoint.pth").exists() and not (out / "args.json").exists()
+
+
+def test_user_errors_exit_2_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "dino.py"), "--data", str(tmp_path / "nowhere"),
+                             "--output-dir", str(tmp_path / "run")], cwd=ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {str(tmp_path / 'nowhere')!r}: no such folder"]
+
+
+def test_non_finite_loss_stops_and_keeps_no_checkpoint(image_folder, tmp_path, tiny, monkeypatch):
+    original = dino.DINOLoss.forward
+    monkeypatch.setattr(dino.DINOLoss, "forward", lambda self, s, t, temp: (original(self, s, t, temp)[0] * math.nan,
+                                                                          (s.sum(), s.sum())))
+    with pytest.raises(SystemExit, match="non-finite loss in epoch 1, step 1"):
+        dino.main(small_run_flags(image_folder, tmp_path / "nan"))
+    assert not (tmp_path / "nan" / "checkpoint.pth").exists()
+
+
+def test_collapse_is_flagged(image_folder, tmp_path, tiny, capsys):
+    # A teacher temperature far above 0.07 flattens the teacher: DINO's collapse to the uniform distribution.
+    dino.main(small_run_flags(image_folder, tmp_path / "flat", "--teacher-temp", "5", "--warmup-teacher-temp", "5"))
+    assert "collapse: the teacher's output is uniform" in capsys.readouterr().out
+    dino.main(small_run_flags(image_folder, tmp_path / "sharp", "--teacher-temp", "0.04"))
+    assert "collapse:" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_branches_run_on_the_cpu(image_folder, tmp_path, tiny, amp):
+    """The autocast and GradScaler branches a GPU runs, forced on the CPU."""
+    result = dino.main(small_run_flags(image_folder, tmp_path / amp, "--amp", amp, "--clip-grad", "3"))
+    record = result["history"][-1]
+    assert math.isfinite(record["loss"]) and json.loads((tmp_path / amp / "args.json").read_text())["amp"] == amp
+    if amp == "fp16":
+        assert torch.load(tmp_path / amp / "checkpoint.pth", weights_only=False)["scaler"]  # the scaler ran
+
+
+def test_default_loader_workers_share_the_node(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert dino.loader_workers(None) == 8 and dino.loader_workers(3) == 3
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert dino.loader_workers(None) == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert dino.loader_workers(None) == 1
+
+
+def test_torchrun_two_cpu_processes_end_identical(image_folder, tmp_path):
+    flags = small_run_flags(image_folder, tmp_path / "ddp", "--batch-size", "2")
+    ranks, result = run_torchrun("dino", tmp_path / "state", flags)
+    assert "2 process(es)" in result.stdout
+    assert_ranks_identical(ranks, ("student", "teacher", "dino_loss"))  # weights and the centre
+    assert ranks[0]["dino_loss"]["center"].abs().sum() > 0
+
+
+def test_kill_at_epoch_end_then_resume_keeps_one_log_line_per_epoch(tmp_path):
+    data = make_image_folder(tmp_path / "images", n_per_class=4)
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(ROOT, "dino.py"), *small_run_flags(data, out, "--epochs", "3")]
+    process = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and not (out / "checkpoint.pth").exists():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # during or right after the first save
+    process.wait()
+    # A kill between the checkpoint and the log: the log is one line short, a .tmp may be left.
+    (out / "log.jsonl").write_text("")
+    (out / "checkpoint.pth.tmp").write_bytes(b"partial")
+    resumed = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 3
+    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]

@@ -1,4 +1,4 @@
-"""Small-scale reproduction of the paper's claim: baseline vs light views at equal epochs.
+"""Small-scale reproduction of the paper's claim: baseline vs light views at equal epochs. Not collected by pytest.
 
 For each (method, arch) it pre-trains with --recipe baseline and --recipe light, then evaluates
 both backbones with kNN (k 20, T 0.07) and the linear probe, and prints one table. Every run is a
@@ -7,9 +7,9 @@ and a finished step is skipped when the command is run again, so a long reproduc
 spread over several sessions (pre-training resumes from its checkpoint).
 
     mkdir -p data && tar -xzf ../shared/data/imagenette2-112.tar.gz -C data/
-    python reproduce.py --data data/imagenette2-112 --global-size 112 --epochs 50 \
+    python tests/reproduce.py --data data/imagenette2-112 --global-size 112 --epochs 50 \
         --runs dino:resnet18 dino:mobilenet_v2 dino:vit_tiny moco:mobilenet_v2
-    python reproduce.py ... --dry-run        # only print the commands
+    python tests/reproduce.py ... --dry-run        # only print the commands
 
 At 112 px the local crops scale with the global size: 48 px (baseline) vs 64 px (light).
 """
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {"dino": "dino.py", "moco": "moco_v2.py", "swav": "swav.py"}
 
 
@@ -41,23 +42,25 @@ def launcher(nproc):
 
 def main(args):
     rows = []
+    # Each script's default shares the node's cores among its processes; an explicit value is per process.
+    workers = ["--workers", str(args.workers)] if args.workers is not None else []
     for spec in args.runs:
         method, arch = spec.split(":")
         for recipe in ("baseline", "light"):
             out = os.path.join(args.output_dir, f"{method}-{arch}-{recipe}")
             checkpoint = os.path.join(out, "checkpoint.pth")
             pretrain = launcher(args.nproc) + [
-                SCRIPTS[method], "--arch", arch, "--recipe", recipe, "--data", os.path.join(args.data, "train"),
+                os.path.join(ROOT, SCRIPTS[method]), "--arch", arch, "--recipe", recipe, "--data", os.path.join(args.data, "train"),
                 "--output-dir", out, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                "--global-size", str(args.global_size), "--workers", str(args.workers), *args.extra]
+                "--global-size", str(args.global_size), *workers, *args.extra]
             seconds = run(pretrain, args.dry_run)
             row = dict(method=method, arch=arch, recipe=recipe, epochs=args.epochs, pretrain_min=round(seconds / 60, 1))
             for mode, epochs in (("knn", None), ("linear", args.probe_epochs)):
                 result_path = os.path.join(out, f"{mode}.json")
                 if not os.path.exists(result_path):
                     evaluate = launcher(args.nproc) + [
-                        "linear_eval.py", "--mode", mode, "--arch", arch, "--checkpoint", checkpoint,
-                        "--data", args.data, "--global-size", str(args.global_size), "--workers", str(args.workers),
+                        os.path.join(ROOT, "linear_eval.py"), "--mode", mode, "--arch", arch, "--checkpoint", checkpoint,
+                        "--data", args.data, "--global-size", str(args.global_size), *workers,
                         "--output-dir", out, "--output", result_path, "--batch-size", str(args.batch_size)]
                     run(evaluate + (["--epochs", str(epochs)] if epochs else []), args.dry_run)
                 if os.path.exists(result_path):
@@ -84,7 +87,8 @@ if __name__ == "__main__":
     parser.add_argument("--probe-epochs", type=int, default=30, help="linear probe epochs (paper 100)")
     parser.add_argument("--batch-size", type=int, default=128, help="per process")
     parser.add_argument("--global-size", type=int, default=112)
-    parser.add_argument("--workers", type=int, default=os.cpu_count())
+    parser.add_argument("--workers", type=int, default=None,
+                        help="loader processes per process (default: the cores / --nproc, at most 8)")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun when > 1)")
     parser.add_argument("--output-dir", default="runs/reproduce")
     parser.add_argument("--table", default=None, help="also append the rows as JSON to this file")

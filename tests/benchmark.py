@@ -1,0 +1,209 @@
+"""Throughput and memory of the training step, and of the input pipeline, built on what the method scripts
+expose (their model builders, losses and update functions); nothing in them is patched. Not collected by pytest.
+
+    python tests/benchmark.py step --method dino --arch resnet18 --recipe light --batch-size 128
+    python tests/benchmark.py step --method moco --arch mobilenet_v2 --amp bf16
+    python tests/benchmark.py data --data data/imagenette2-112/train --global-size 112 --workers 2
+
+step: one training step on fixed random crops already on the device (forward, loss, backward, optimizer,
+EMA / queue / centre), timed over --steps after --warmup steps; img/s and, on CUDA, peak memory.
+data: JPEG on disk -> the multi-crop views through the DataLoader -> normalised on the device, img/s, the
+workers' CPU ms per image, and the bytes per batch as uint8 (what the loader ships) and as float32.
+The paper's throughput setting: batch 128 per GPU, 2x224 + 6x96 (baseline) or 6x128 (light); ViT-Tiny 10 locals.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import backbones  # noqa: E402
+import views  # noqa: E402
+
+
+def dino_step(arch, recipe, batch_size, device):
+    """-> (the modules, step(crops)): DINO's step as dino.py's loop runs it."""
+    import dino
+    defaults = dino.PAPER_DEFAULTS["vit" if backbones.is_vit(arch) else "cnn"]
+    student = dino.build_dino_net(arch, defaults["out_dim"], defaults["use_bn_in_head"], defaults["norm_last_layer"],
+                                  defaults["drop_path"])
+    teacher = dino.build_dino_net(arch, defaults["out_dim"], defaults["use_bn_in_head"], defaults["norm_last_layer"])
+    fmt = backbones.memory_format(arch, device)
+    student, teacher = student.to(device, memory_format=fmt), teacher.to(device, memory_format=fmt)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    loss_fn = dino.DINOLoss(defaults["out_dim"], recipe.local_crops, *recipe.alpha_beta).to(device)
+    groups = dino.param_groups([student])
+    optimizer = dino.LARS(groups) if defaults["optimizer"] == "lars" else torch.optim.AdamW(
+        groups, fused=device.type == "cuda")
+    for group in optimizer.param_groups:
+        group["lr"] = 1e-4
+    student_params, teacher_params = list(student.parameters()), list(teacher.parameters())
+
+    def step(crops, autocast, scaler):
+        with autocast:
+            teacher_out = teacher(crops[:2])
+            loss, _ = loss_fn(student(crops), teacher_out, 0.04)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        dino.ema_update(teacher_params, student_params, 0.996)
+        loss_fn.update_center(teacher_out)
+        return loss.detach()
+    return step
+
+
+def moco_step(arch, recipe, batch_size, device):
+    """MoCo's multi-crop step as moco_v2.py's loop runs it (split-BN keys in one process)."""
+    import moco_v2
+    query_encoder, key_encoder = (moco_v2.build_moco_net(arch, 128, 2048) for _ in range(2))
+    fmt = backbones.memory_format(arch, device)
+    query_encoder, key_encoder = query_encoder.to(device, memory_format=fmt), key_encoder.to(device, memory_format=fmt)
+    key_encoder.load_state_dict(query_encoder.state_dict())
+    key_encoder.requires_grad_(False)
+    queue = moco_v2.MoCoQueue(128, 65536).to(device)
+    optimizer = moco_v2.LARS(moco_v2.param_groups([query_encoder]), lr=1e-4)
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in query_encoder.modules())
+    key_bn = moco_v2.key_bn_mode(has_bn, 1, True)
+    bn_splits = moco_v2.clamp_bn_splits(8, batch_size)
+    query_params, key_params = list(query_encoder.parameters()), list(key_encoder.parameters())
+    alpha, beta = recipe.alpha_beta
+
+    def step(crops, autocast, scaler):
+        moco_v2.ema_update(key_params, query_params, 0.999)
+        with autocast:
+            q, k = moco_v2.moco_forward(query_encoder, key_encoder, crops, key_bn, bn_splits)
+        logits = moco_v2.moco_logits(q.float(), k.float(), queue.queue, 0.2)
+        loss = moco_v2.moco_loss(logits, 1 + recipe.local_crops, alpha, beta)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        queue.enqueue(k)
+        return loss.detach()
+    return step
+
+
+def swav_step(arch, recipe, batch_size, device):
+    """SwAV's step as swav.py's loop runs it (the queue full from the start: the slowest case)."""
+    import swav
+    model = swav.build_swav_net(arch).to(device, memory_format=backbones.memory_format(arch, device))
+    queue = swav.EmbeddingQueue(swav.queue_rows(3840, batch_size, 1), 128).to(device)
+    queue.embeddings.normal_()
+    optimizer = swav.LARS(swav.param_groups([model]), lr=1e-4)
+    alpha, beta = recipe.alpha_beta
+
+    def step(crops, autocast, scaler):
+        model.normalize_prototypes()
+        with autocast:
+            embeddings, scores = model(crops)
+        codes = swav.assign_codes(scores.detach(), embeddings.detach(), model.prototypes.weight, queue, len(crops[0]))
+        loss = swav.swapped_prediction_loss(scores, codes, recipe.local_crops, alpha, beta)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return loss.detach()
+    return step
+
+
+def benchmark_step(args):
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    amp = args.amp if device.type == "cuda" or args.amp != "bf16" else "off"
+    recipe = views.get_recipe(args.method, args.recipe, backbones.is_vit(args.arch), global_size=args.global_size,
+                              local_crops=args.local_crops)
+    torch.manual_seed(0)
+    step = {"dino": dino_step, "moco": moco_step, "swav": swav_step}[args.method](args.arch, recipe, args.batch_size,
+                                                                                device)
+    fmt = backbones.memory_format(args.arch, device)
+    sizes = [recipe.global_size] * 2 + [recipe.local_size] * recipe.local_crops
+    crops = [torch.randn(args.batch_size, 3, s, s, device=device).contiguous(memory_format=fmt) for s in sizes]
+    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    for _ in range(args.warmup):  # cuDNN autotuning, the allocator
+        step(crops, autocast, scaler)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    for _ in range(args.steps):
+        loss = step(crops, autocast, scaler)
+    loss.item()  # waits for the device
+    elapsed = time.time() - start
+    return dict(mode="step", method=args.method, arch=args.arch, recipe=args.recipe, views=views.describe(recipe),
+                batch_size=args.batch_size, amp=amp, steps=args.steps, threads=torch.get_num_threads(),
+                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                img_per_s=round(args.steps * args.batch_size / elapsed, 1),
+                peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+                torch=torch.__version__)
+
+
+class TimedTransform:
+    """The multi-crop transform, adding each call's CPU time to a counter shared by the loader processes."""
+
+    def __init__(self, transform):
+        self.transform, self.cpu_seconds = transform, torch.zeros((), dtype=torch.float64).share_memory_()
+
+    def __call__(self, image):
+        start = time.process_time()
+        out = self.transform(image)
+        self.cpu_seconds += time.process_time() - start
+        return out
+
+
+def benchmark_data(args):
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    recipe = views.get_recipe(args.method, args.recipe, backbones.is_vit(args.arch), global_size=args.global_size,
+                              local_crops=args.local_crops)
+    transform = TimedTransform(views.MultiCropTransform(recipe))
+    dataset = views.build_dataset(args.data, transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         num_workers=args.workers, pin_memory=device.type == "cuda",
+                                         prefetch_factor=2 if args.workers else None)
+    batches = iter(loader)
+    for _ in range(args.warmup):
+        next(batches)
+    transform.cpu_seconds.zero_()
+    start = time.time()
+    for _ in range(args.steps):
+        crops, _ = next(batches)
+        crops = [views.normalize(c, device) for c in crops]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.time() - start
+    images = args.steps * args.batch_size
+    uint8_bytes = sum(c.numel() for c in crops)  # one byte per value
+    return dict(mode="data", data=args.data, method=args.method, recipe=args.recipe, views=views.describe(recipe),
+                batch_size=args.batch_size, workers=args.workers, cpu_count=os.cpu_count(),
+                img_per_s=round(images / elapsed, 1),
+                worker_cpu_ms_per_image=round(1000 * transform.cpu_seconds.item() / max(1, images), 1),
+                batch_mb_uint8=round(uint8_bytes / 2**20, 1), batch_mb_float32=round(4 * uint8_bytes / 2**20, 1),
+                device=str(device), torch=torch.__version__)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("mode", choices=["step", "data"])
+    parser.add_argument("--method", default="dino", choices=["dino", "moco", "swav"])
+    parser.add_argument("--arch", default="resnet18", choices=backbones.ARCHS)
+    parser.add_argument("--recipe", default="light", help="light (2x224 + 6x128) or baseline (2x224 + 6x96)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--global-size", type=int, default=None, help="224 (the local size follows)")
+    parser.add_argument("--local-crops", type=int, default=None, help="6 for CNNs, 10 for ViT-Tiny in the paper")
+    parser.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="bf16 means off on the CPU")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--steps", type=int, default=20, help="timed steps / batches")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps / batches first")
+    parser.add_argument("--data", default="synthetic", help="data mode: " + views.DATA_HELP)
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="data mode: loader processes")
+    parser.add_argument("--json", default=None, help="also append the result as one JSON line to this file")
+    args = parser.parse_args()
+    result = benchmark_step(args) if args.mode == "step" else benchmark_data(args)
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps(result) + "\n")

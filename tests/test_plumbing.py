@@ -1,0 +1,162 @@
+"""The card's shape: each script stands alone beside backbones.py and views.py, and its plumbing block is
+byte-identical to the other scripts' (so a fix cannot land in one copy only)."""
+import ast
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, free_port, make_image_folder
+
+SCRIPTS = ["dino.py", "moco_v2.py", "swav.py", "linear_eval.py"]
+START, END = "# ---- plumbing: identical in", "# ---- end of plumbing ----"
+PROJECT_MODULES = {os.path.splitext(f)[0] for f in os.listdir(ROOT) if f.endswith(".py")}
+
+
+def plumbing_block(script):
+    text = open(os.path.join(ROOT, script)).read()
+    assert text.count(START) == 1 and text.count(END) == 1, f"{script}: one delimited plumbing block"
+    return text[text.index(START):text.index(END) + len(END)]
+
+
+def test_plumbing_blocks_are_identical():
+    blocks = {script: plumbing_block(script) for script in SCRIPTS}
+    for script, block in blocks.items():
+        assert block == blocks["dino.py"], f"the plumbing block of {script} differs from dino.py's"
+    assert "args." not in blocks["dino.py"]  # its functions take explicit values
+
+
+def test_top_level_is_the_cards_list():
+    allowed = {"README.md", "requirements.txt", "moco_v2.py", "swav.py", "dino.py", "backbones.py", "views.py",
+               "linear_eval.py", "tests", ".ci", ".gitignore", "assets", "LICENSE"}
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    assert {path.split("/")[0] for path in tracked} <= allowed
+
+
+@pytest.mark.parametrize("script", SCRIPTS + ["backbones.py", "views.py"])
+def test_imports_from_the_project_only_backbones_and_views(script):
+    tree = ast.parse(open(os.path.join(ROOT, script)).read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported & PROJECT_MODULES <= ({"backbones", "views"} - {script[:-3]})
+    assert all(len(line) <= 120 for line in open(os.path.join(ROOT, script))), f"{script}: a line over 120"
+
+
+def run(cmd, cwd, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+TINY = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "--global-size", "32", "--local-crops", "1"]
+METHOD_FLAGS = {"dino.py": ["--out-dim", "32"], "moco_v2.py": ["--queue-size", "64"],
+                "swav.py": ["--num-prototypes", "16", "--queue-length", "0"]}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_copied_script_runs_alone(script, tmp_path):
+    """Copy one script with backbones.py and views.py into an empty folder: --help, a 1-epoch CPU run, the
+    rerun of the finished run, --export from it (linear_eval: a kNN evaluation)."""
+    folder = tmp_path / "alone"
+    folder.mkdir()
+    for name in (script, "backbones.py", "views.py"):
+        shutil.copy(os.path.join(ROOT, name), folder)
+    data = make_image_folder(tmp_path / "images", n_per_class=4)
+    assert "usage" in run([sys.executable, script, "--help"], folder)
+    if script == "linear_eval.py":
+        make_image_folder(tmp_path / "eval" / "train", n_per_class=4)
+        make_image_folder(tmp_path / "eval" / "val", n_per_class=2)
+        run([sys.executable, script, "--mode", "knn", "--checkpoint", "none", "--data", str(tmp_path / "eval"),
+             "--global-size", "32", "--workers", "0"], folder)
+        return
+    flags = ["--data", data, "--output-dir", "run", *TINY, *METHOD_FLAGS[script]]
+    run([sys.executable, script, *flags], folder)
+    assert "this run is finished" in run([sys.executable, script, "--output-dir", "run", "--export", "b.pth"], folder)
+    assert torch.load(folder / "b.pth")  # the backbone's weights
+    if script == "dino.py":  # and under torchrun, 2 processes
+        run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+             script, *flags[:3], "ddp", *flags[4:], "--batch-size", "2"], folder)
+        assert (folder / "ddp" / "checkpoint.pth").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# The plumbing's CUDA decisions, checked on the CPU (through dino.py's copy; the others are identical)
+# ----------------------------------------------------------------------------------------------
+
+def test_amp_auto_picks_fp16_below_compute_capability_8_and_fp32_matmuls_when_off(monkeypatch):
+    import dino
+    before = torch.get_float32_matmul_precision()
+    try:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # T4 / RTX 20xx
+        amp, note = dino.resolve_amp("auto", torch.device("cuda"))
+        assert amp == "fp16" and "compute capability < 8.0" in note
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # H100
+        assert dino.resolve_amp("auto", torch.device("cuda")) == ("bf16", "")
+        assert torch.get_float32_matmul_precision() == "high"  # TF32 only with mixed precision on
+        assert dino.resolve_amp("off", torch.device("cuda"))[0] == "off"
+        assert torch.get_float32_matmul_precision() == "highest"  # --amp off = fp32 matmuls
+        assert dino.resolve_amp("auto", torch.device("cpu"))[0] == "off"
+        assert dino.resolve_amp("fp16", torch.device("cpu"))[0] == "fp16"  # forced: the CPU runs the AMP branch
+    finally:
+        torch.set_float32_matmul_precision(before)
+        torch.backends.cudnn.benchmark = False
+
+
+def test_cuda_device_index_is_the_local_rank_modulo_the_visible_gpus(monkeypatch):
+    """A launcher that shows each process only its own GPU (SLURM --gpus-per-task=1): LOCAL_RANK 3, 1 device."""
+    import dino
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("device", device))
+    monkeypatch.setattr(dino.dist, "init_process_group", lambda backend, **kw: calls.setdefault("backend", backend))
+    monkeypatch.setattr(dino.dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(dino.dist, "get_world_size", lambda: 4)
+    for name, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "3")):
+        monkeypatch.setenv(name, value)
+    rank, world_size, device = dino.init_distributed("auto", seed=0)
+    assert (rank, world_size, device, calls["backend"]) == (3, 4, torch.device("cuda", 0), "nccl")
+    assert calls["device"] == torch.device("cuda", 0)
+
+
+def test_lars_trust_ratio_and_exclusions():
+    import dino
+    weight = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||p|| = 5
+    bias = torch.nn.Parameter(torch.tensor([1.0]))
+    zero = torch.nn.Parameter(torch.zeros(1, 2))  # ||p|| = 0: no adaptation
+    weight.grad, bias.grad, zero.grad = torch.tensor([[0.0, 2.0]]), torch.tensor([0.5]), torch.tensor([[1.0, 0.0]])
+    optimizer = dino.LARS([dict(params=[weight, zero], lars_exclude=False), dict(params=[bias], lars_exclude=True)],
+                          lr=0.1, weight_decay=0.0, momentum=0.9, eta=0.001)
+    optimizer.step()
+    g = torch.tensor([[0.0, 2.0]]) * 0.001 * 5 / 2  # eta * ||p|| / ||g||
+    torch.testing.assert_close(weight.data, torch.tensor([[3.0, 4.0]]) - 0.1 * g)
+    torch.testing.assert_close(bias.data, torch.tensor([1.0 - 0.1 * 0.5]))  # excluded: the plain gradient
+    torch.testing.assert_close(zero.data, torch.tensor([[-0.1, 0.0]]))
+    optimizer.step()  # momentum: mu = 0.9 * mu + g
+    torch.testing.assert_close(bias.data, torch.tensor([1.0 - 0.1 * 0.5 - 0.1 * (0.9 * 0.5 + 0.5)]))
+
+
+def test_param_groups_follow_the_paper():
+    import dino
+    model = backbones_module().build_backbone("mobilenet_v2")
+    groups = dino.param_groups([model])
+    regularized, depthwise, plain = groups
+    assert all(p.ndim >= 2 and not (p.ndim == 4 and p.shape[1] == 1) for p in regularized["params"])
+    assert depthwise["params"] and all(p.ndim == 4 and p.shape[1] == 1 for p in depthwise["params"])
+    assert all(p.ndim < 2 for p in plain["params"])
+    assert [(g["wd_factor"], g["lars_exclude"]) for g in groups] == [(1.0, False), (0.0, False), (0.0, True)]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert len(dino.param_groups([model], decay_all=True)) == 1
+
+
+def backbones_module():
+    import backbones
+    return backbones
