@@ -1,233 +1,247 @@
-"""Evaluate a pre-trained backbone (spec §4): the paper's linear probe, weighted kNN, a fast probe on
-cached features, and semi-supervised fine-tuning. Reads checkpoints of dino.py / moco_v2.py /
-swav.py or an exported backbone.
+"""Evaluate a pre-trained backbone (SSLight, Tan, Saleh, Martinez, ICLR 2023, paper §4): the paper's linear probe,
+weighted kNN, a fast probe on cached features, and semi-supervised fine-tuning.
 
-    # linear probe, the paper's protocol (CNN §4.1: LARS, 100 epochs; ViT §4.2: last 4 CLS, SGD)
-    python linear_eval.py --arch resnet18 --checkpoint runs/dino-resnet18/checkpoint.pth --data /imagenet
-    torchrun --nproc_per_node 8 linear_eval.py --arch resnet18 --checkpoint ... --batch-size 512
-    # weighted kNN (k 20, T 0.07) and the fast cached-feature probe: minutes instead of days
-    python linear_eval.py --mode knn --arch resnet18 --checkpoint ... --data /imagenette --global-size 112
-    python linear_eval.py --mode fast-linear --arch resnet18 --checkpoint ... --data cifar10 --global-size 32
-    # semi-supervised fine-tuning on 1% of the labels (§4.3), or on a subset file
-    python linear_eval.py --mode finetune --label-fraction 0.01 --arch resnet18 --checkpoint ...
-    # sanity baseline: a random-init backbone on the built-in synthetic data
-    python linear_eval.py --mode knn --arch resnet18 --checkpoint none --data synthetic --global-size 32
+    python linear_eval.py --checkpoint runs/dino-resnet18/checkpoint.pth --data /path/imagenet     # linear probe
+    torchrun --nproc_per_node=8 linear_eval.py --checkpoint ... --data /path/imagenet --batch-size 512
+    python linear_eval.py --mode knn --checkpoint ... --data /path/imagenette2-112 --global-size 112
+    python linear_eval.py --mode fast-linear --checkpoint ... --data cifar10 --global-size 32     # seconds
+    python linear_eval.py --mode finetune --label-fraction 0.01 --checkpoint ... --data /path/imagenet
+    python linear_eval.py --mode knn --checkpoint none --data synthetic --global-size 32     # random-init baseline
 
-The pre-training scripts import the kNN monitor: `knn_monitor(backbone, eval_data, global_size, device)`.
+--checkpoint is a checkpoint.pth of dino.py (the teacher by default), moco_v2.py (the query encoder) or swav.py,
+or a backbone written by their --export; the arch defaults to the one it was pre-trained with. Loading is strict:
+a key that does not fit is named, with the arch that would fit. --data is a root with train/ and val/ image
+folders, or cifar10 | cifar100 | stl10 | synthetic. Results: a JSON file beside the checkpoint (eval-<mode>.json,
+rewritten after every epoch), so the evaluations of two checkpoints never overwrite each other.
 """
 import argparse
+import atexit
 import json
 import math
 import os
+import socket
+import sys
+import types
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as T
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 import backbones
-import training
 import views
+from views import UserError
 
 PROTOCOLS = {
-    "linear": "paper (spec §4.1 CNN: LARS lr 0.05/256; §4.2 ViT: last-4 CLS, SGD lr 0.01/256)",
-    "fast-linear": "NOT the paper's protocol: linear layer on cached centre-crop features (no augmentation), Adam",
-    "knn": "weighted kNN, train bank -> val (the paper's monitor ran val-vs-val leave-one-out, spec §4.4)",
-    "finetune": "paper (spec §4.3: semi-supervised fine-tuning, SGD Nesterov lr 0.03/256)",
+    "linear": "the paper's probe (paper §4; SSLight's classification/config/exp_yamls/*_linear.yaml): frozen backbone "
+              "in eval mode, CNN pooled feature + LARS lr 0.05/256, ViT last-4 CLS + SGD lr 0.01/256, no weight decay",
+    "fast-linear": "NOT the paper's protocol: a linear layer on cached centre-crop features (no augmentation), Adam",
+    "knn": "weighted kNN, train bank -> val (official DINO eval_knn.py); SSLight's own monitor ran val-vs-val",
+    "finetune": "the paper's semi-supervised fine-tuning (paper §4; SSLight's dino_*_semi.yaml): whole network, "
+                "MLP head from the DINO projection head, SGD Nesterov lr 0.03/256",
 }
-
-# ==============================================================================================
-# Checkpoints: where each pre-training script keeps its backbone (the contract with dino.py,
-# moco_v2.py, swav.py); checkpoint[key] is a state dict with "backbone.*" keys.
-# ==============================================================================================
-
+# Where each pre-training script keeps the network whose "backbone.*" keys are evaluated.
 MODEL_KEYS = {"dino": None, "moco": "query_encoder", "swav": "model"}  # dino: --checkpoint-key
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the requested --arch."""
+def get_args_parser():
+    parser = argparse.ArgumentParser("Linear probe / kNN / fine-tuning of a pre-trained backbone (paper §4)",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e = parser.add_argument_group("what to evaluate")
+    e.add_argument("--mode", default="linear", choices=list(PROTOCOLS),
+                   help="linear: the paper's probe; fast-linear: Adam on cached features, seconds, NOT the paper's "
+                        "protocol; knn: weighted kNN (k 20, T 0.07); finetune: semi-supervised")
+    e.add_argument("--checkpoint", required=True,
+                   help="checkpoint.pth of dino.py / moco_v2.py / swav.py, an exported backbone, or none (random init)")
+    e.add_argument("--checkpoint-key", default="teacher", choices=["teacher", "student"],
+                   help="the DINO network to evaluate: teacher (official DINO); SSLight's code took the student")
+    e.add_argument("--arch", default=None, choices=backbones.ARCHS,
+                   help="default: the arch the checkpoint was pre-trained with; resnet18 for none / exported backbones")
+    e.add_argument("--data", default="synthetic", help="a root with train/ and val/ image folders, cifar10 | cifar100 "
+                                                       "| stl10 (downloaded into ./data), or synthetic (no files)")
+    e.add_argument("--global-size", type=int, default=224,
+                   help="crop size: paper 224 (val: resize 256/224 of it, centre crop); 112 Imagenette-112, 32 CIFAR")
+    e.add_argument("--output", default=None,
+                   help="results JSON; default beside the checkpoint: DIR/eval-<mode>.json for DIR/checkpoint.pth, "
+                        "DIR/NAME.eval-<mode>.json for DIR/NAME.pth, runs/eval-random-<arch>/ for none")
+    r = parser.add_argument_group("run")
+    r.add_argument("--batch-size", type=int, default=128,
+                   help="per process; paper: linear CNN 512 x 8 = 4096, ViT 128 x 8, finetune 128 x 8")
+    r.add_argument("--workers", type=int, default=8, help="loader processes per GPU")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="autocast: auto = bf16 on GPUs of compute capability >= 8.0, fp16 (+ GradScaler) below, off on "
+                        "the CPU; the paper evaluated in fp32")
+    p = parser.add_argument_group("protocol (None = the paper's value for the mode and arch)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="linear / fast-linear 100; finetune 60 below 5%% of the labels (1%%), else 30 (10%%)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="per 256 images (peak = lr * global batch / 256): linear CNN 0.05 (LARS, 0.8 at 4096), ViT 0.01"
+                        " (SGD, 0.04 at 1024), finetune 0.03 (0.12 at 1024); fast-linear: Adam's lr 1e-3, not scaled")
+    p.add_argument("--n-last-blocks", type=int, default=4, help="ViT probe: CLS tokens of the last n blocks (paper 4)")
+    p.add_argument("--knn-k", type=int, default=20, help="official DINO 20; the MoCo / InstDisc monitor 200")
+    p.add_argument("--knn-t", type=float, default=0.07, help="vote weight exp(sim / T): DINO 0.07; MoCo monitor 0.1")
+    p.add_argument("--label-fraction", type=float, default=None,
+                   help="finetune: the fraction of each class's labels kept (default 0.01)")
+    p.add_argument("--subset-file", default=None,
+                   help="finetune: the image file names to keep, one a line (or SSLight's index,label,wnid,filename)")
+    return parser
 
 
-def _clean(key):
-    return ".".join(part for part in key.split(".") if part != "module")  # DDP adds "module."
+def default_output(checkpoint, arch, mode, checkpoint_key="teacher", label_fraction=None, subset_file=None):
+    """The results file, beside the checkpoint: runs/dino-resnet18/checkpoint.pth -> runs/dino-resnet18/eval-knn.json,
+    exported/r18.pth -> exported/r18.eval-knn.json; --checkpoint none -> runs/eval-random-<arch>/eval-knn.json.
+    The DINO student and each label subset get their own file too."""
+    name = f"eval-{mode}"
+    if mode == "finetune":
+        name += "-" + (os.path.splitext(os.path.basename(subset_file))[0] if subset_file
+                       else f"{100 * (label_fraction or 0.01):g}pct")
+    if checkpoint == "none":
+        return os.path.join("runs", f"eval-random-{arch}", f"{name}.json")
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    name += "-student" if checkpoint_key == "student" else ""
+    return os.path.join(os.path.dirname(checkpoint), ("" if stem == "checkpoint" else stem + ".") + f"{name}.json")
 
+
+def resolve_config(args, world_size, pretrained_arch=None):
+    """The evaluation's whole configuration, once: flags + the paper's values for the mode and arch."""
+    config = dict(vars(args), world_size=world_size)
+    config["arch"] = args.arch or pretrained_arch or "resnet18"
+    vit = backbones.is_vit(config["arch"])
+    # (epochs, lr) of each mode when not given: the lr per 256 images, scaled by the global batch (fast-linear: Adam's
+    # own). Fine-tuning: 60 epochs below 5% of the labels (1%), else 30 (10%), set once the subset is known.
+    epochs, lr = {"linear": (100, 0.01 if vit else 0.05), "fast-linear": (100, 1e-3), "knn": (None, None),
+                  "finetune": (None, 0.03)}[args.mode]
+    config["epochs"] = args.epochs if args.epochs is not None else epochs
+    config["lr"] = args.lr if args.lr is not None else lr
+    config["output"] = args.output or default_output(args.checkpoint, config["arch"], args.mode, args.checkpoint_key,
+                                                     args.label_fraction, args.subset_file)
+    for name in ("batch_size", "knn_k", "n_last_blocks") + (("epochs",) if args.epochs is not None else ()):
+        if config[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {config[name]}")
+    if (config["lr"] is not None and config["lr"] <= 0) or args.knn_t <= 0:
+        raise UserError(f"--lr and --knn-t must be > 0, not {config['lr']} and {args.knn_t}")
+    if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
+        raise UserError(f"--label-fraction must be in (0, 1], not {args.label_fraction}")
+    if args.subset_file and not os.path.isfile(args.subset_file):
+        raise UserError(f"--subset-file {args.subset_file}: no such file")
+    if args.global_size < 16 or (vit and args.global_size % backbones.PATCH_SIZE):
+        raise UserError(f"--global-size {args.global_size}: need >= 16, and a multiple of 16 for {config['arch']}")
+    return types.SimpleNamespace(**config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: the backbone of a dino.py / moco_v2.py / swav.py checkpoint, or an exported one
+# ----------------------------------------------------------------------------------------------
 
 def read_checkpoint(path, checkpoint_key="teacher"):
-    """-> (backbone state dict, info): info has the method, the arch it was pre-trained with and,
-    for DINO, the projection head's state dict (fine-tuning starts from it, spec §4.3)."""
+    """-> (backbone state dict, info). info: path, method, the arch it was pre-trained with (from the saved
+    config), the network's key and, for DINO, the projection head's state dict (fine-tuning starts from it).
+    'none' -> (None, info of a random init)."""
+    info = dict(path=path, method="random-init", arch=None, key=None, head=None)
+    if path == "none":
+        return None, info
+    if not os.path.isfile(path):
+        raise UserError(f"--checkpoint {path}: no such file (or none for a random-init backbone)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {error}") from None
+        raise UserError(f"--checkpoint {path}: cannot read it ({type(error).__name__}: {str(error)[:200]})") from None
     if not isinstance(checkpoint, dict):
-        raise CheckpointError(f"{path}: expected a checkpoint dict or a state_dict, got {type(checkpoint).__name__}")
-    if "method" not in checkpoint:  # an exported backbone: the backbone's own keys
-        return {_clean(k): v for k, v in checkpoint.items()}, dict(method="exported", arch=None, head=None, key=None)
+        raise UserError(f"--checkpoint {path}: not a checkpoint or a state dict but a {type(checkpoint).__name__}")
+    clean = lambda state: {".".join(p for p in k.split(".") if p != "module"): v for k, v in state.items()}  # DDP
+    if "method" not in checkpoint:  # an exported backbone: its own keys
+        return clean(checkpoint), dict(info, method="exported")
     method = checkpoint["method"]
     if method not in MODEL_KEYS:
-        raise CheckpointError(f"{path}: unknown method {method!r}; expected dino, moco or swav")
-    key = checkpoint_key if method == "dino" else MODEL_KEYS[method]
+        raise UserError(f"--checkpoint {path}: unknown method {method!r}; expected dino, moco or swav")
+    key = MODEL_KEYS[method] or checkpoint_key
     if key not in checkpoint:
-        raise CheckpointError(f"{path}: {method} checkpoint without {key!r} (keys: {', '.join(map(str, checkpoint))})")
-    model = {_clean(k): v for k, v in checkpoint[key].items()}
-    state = training.strip_prefix(model, "backbone.")
-    if not state:
-        raise CheckpointError(f"{path}: checkpoint[{key!r}] has no 'backbone.*' keys")
-    head = training.strip_prefix(model, "head.") if method == "dino" else None
-    arch = (checkpoint.get("settings") or {}).get("arch")
-    return state, dict(method=method, arch=arch, head=head, key=key)
+        raise UserError(f"--checkpoint {path}: a {method} checkpoint without {key!r} (it has: {', '.join(checkpoint)})")
+    network = clean(checkpoint[key])
+    part = lambda prefix: {k[len(prefix):]: v for k, v in network.items() if k.startswith(prefix)}
+    if not part("backbone."):
+        raise UserError(f"--checkpoint {path}: checkpoint[{key!r}] has no 'backbone.*' keys")
+    return part("backbone."), dict(info, method=method, arch=(checkpoint.get("config") or {}).get("arch"), key=key,
+                                   head=part("head.") if method == "dino" else None)
 
 
 def build_for(arch, state):
-    """build_backbone(arch), for a ViT with the patch size and position grid of `state` (a ViT
-    pre-trained on 112 px crops has a 7x7 grid; a 224 px one 14x14)."""
-    if arch in backbones.VIT_CONFIGS and "pos_embed" in state and "patch_embed.proj.weight" in state:
+    """build_backbone(arch); a ViT with the patch size and position grid of `state` (a ViT pre-trained on
+    112 px crops has a 7x7 grid, one on 224 px a 14x14 one)."""
+    if backbones.is_vit(arch) and state and "pos_embed" in state and "patch_embed.proj.weight" in state:
         patch = state["patch_embed.proj.weight"].shape[-1]
-        return backbones.build_backbone(arch, patch_size=patch, img_size=patch * math.isqrt(state["pos_embed"].shape[1] - 1))
+        grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+        return backbones.build_backbone(arch, patch_size=patch, img_size=patch * grid)
     return backbones.build_backbone(arch)
 
 
 def mismatch(model, state):
-    """Missing, unexpected and wrong-shape keys of `state` against `model`."""
+    """The missing, unexpected and wrong-shape keys of `state` against `model`."""
     expected = model.state_dict()
-    shape = lambda t: tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
-    return ([k for k in expected if k not in state], [k for k in state if k not in expected],
-            [f"{k} {shape(state[k])} vs {shape(v)}" for k, v in expected.items() if k in state and shape(state[k]) != shape(v)])
+    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if k in state and state[k].shape != v.shape]
+    return [k for k in expected if k not in state], [k for k in state if k not in expected], wrong
 
 
 def fitting_archs(state, exclude=None):
     """The archs whose backbone `state` fits (CNNs built on the meta device: shapes only, no memory)."""
     fits = []
     for arch in backbones.ARCHS:
-        if arch != exclude and (arch in backbones.VIT_CONFIGS) == ("pos_embed" in state):
-            with torch.device("meta" if arch in backbones.CNN_FEAT_DIMS else "cpu"):
+        if arch != exclude and backbones.is_vit(arch) == ("pos_embed" in state):
+            with torch.device("cpu" if backbones.is_vit(arch) else "meta"):
                 if not any(mismatch(build_for(arch, state), state)):
                     fits.append(arch)
     return fits
 
 
-def load_backbone(path, arch, checkpoint_key="teacher"):
-    """Backbone `arch` with the weights at `path` ('none': random init) -> (backbone, info).
-    Strict: every key must be there with its shape, or a CheckpointError names what does not fit."""
-    if path in (None, "none"):
-        return backbones.build_backbone(arch), dict(method="random-init", arch=arch, head=None, key=None)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"--checkpoint {path!r}: no such file")
-    state, info = read_checkpoint(path, checkpoint_key)
-    # a full torchvision state dict (e.g. ImageNet weights) still has its classifier: not backbone
-    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+def backbone_from(state, info, arch):
+    """Backbone `arch` with the weights `state` (None: random init). Strict: every key with its shape, or one
+    UserError naming what does not fit and the arch that would."""
     backbone = build_for(arch, state)
-    missing, unexpected, shapes = mismatch(backbone, state)
-    if missing or unexpected or shapes:
-        few = lambda keys: ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
-        problems = [f"{name} {few(keys)}" for name, keys in
-                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
+    if state is None:
+        return backbone
+    # A full torchvision state dict (e.g. ImageNet weights) still holds its classifier: not part of the backbone.
+    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
+    problems = [f"{name} {', '.join(keys[:4])}" + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+                for name, keys in zip(("missing", "unexpected", "wrong shape"), mismatch(backbone, state)) if keys]
+    if problems:
         if info["arch"] and info["arch"] != arch:
             hint = f" It was pre-trained with --arch {info['arch']}: pass --arch {info['arch']}."
-        else:  # an exported backbone has no settings: try every arch
+        else:  # an exported backbone has no saved config: try every arch
             fits = fitting_archs(state, exclude=arch)
             hint = f" It fits --arch {' / '.join(fits)}." if fits else ""
-        raise CheckpointError(f"{path} ({info['method']}) does not fit --arch {arch}: {'; '.join(problems)}.{hint}")
+        raise UserError(f"--checkpoint {info['path']} ({info['method']}) does not fit --arch {arch}: "
+                        f"{'; '.join(problems)}.{hint}")
     backbone.load_state_dict(state, strict=True)
-    return backbone, info
+    return backbone
 
 
-# ==============================================================================================
-# Features and kNN (importable: the pre-training scripts run knn_monitor after each epoch)
-# ==============================================================================================
+# ----------------------------------------------------------------------------------------------
+# Features of a frozen backbone, accuracy
+# ----------------------------------------------------------------------------------------------
 
 def probe_features(backbone, n_last_blocks=4):
-    """-> (images -> features, dim). CNN: the global-average-pooled output (§4.1); ViT: the CLS
-    tokens of the last n blocks, each through the final norm, concatenated (§4.2: 4 x 192 = 768)."""
+    """-> (images -> features, dim). CNN: the global-average-pooled output; ViT: the CLS tokens of the last
+    n blocks, each through the final norm, concatenated (paper §4, official DINO eval_linear.py: 4 x 192 = 768)."""
     if getattr(backbone, "is_vit", False):
-        return (lambda x: backbone.last_cls_tokens(x, n_last_blocks)), backbone.feat_dim * n_last_blocks
+        return (lambda images: backbone.last_cls_tokens(images, n_last_blocks)), backbone.feat_dim * n_last_blocks
     return backbone, backbone.feat_dim
 
 
-@torch.no_grad()
-def extract_features(backbone, loader, device, feature_fn=None, desc=None):
-    """-> (features [N, D] float32 on CPU, labels [N] long). The backbone runs in eval() (BN uses its
-    running statistics) and gets its previous train/eval mode back afterwards."""
-    was_training = backbone.training
-    backbone.eval()
-    features, labels = [], []
+def features_in_eval_mode(module, feature_fn, dataset, batch_size, workers, device, rank, world_size, autocast,
+                          memory_format):
+    """extract_features (the whole dataset, in order, on every rank) with `module` in eval mode, so BN uses its
+    running statistics; its train / eval mode is given back afterwards."""
+    was_training = module.training
+    module.eval()
     try:
-        for images, targets in tqdm(loader, desc=desc, disable=desc is None, leave=False):
-            features.append((feature_fn or backbone)(images.to(device, non_blocking=True)).float().cpu())
-            labels.append(torch.as_tensor(targets).long())
+        return extract_features(feature_fn, dataset, batch_size, workers, device, rank, world_size, autocast,
+                                memory_format)
     finally:
-        backbone.train(was_training)
-    return torch.cat(features), torch.cat(labels)
-
-
-@torch.no_grad()
-def knn_classify(train_features, train_labels, test_features, test_labels, num_classes, k=20,
-                 temperature=0.07, chunk_size=512):
-    """Weighted kNN (DINO's eval_knn): cosine similarity to the train bank; the k most similar bank
-    images vote for their class with weight exp(sim / T). -> (top-1 %, top-5 %). Runs on the bank's
-    device, `chunk_size` test images at a time (10k x 50k similarities never exist at once)."""
-    device = train_features.device
-    train_labels = train_labels.to(device)
-    keep = train_labels >= 0  # unlabelled bank images (label -1, e.g. STL-10 unlabeled) cannot vote
-    bank, bank_labels = F.normalize(train_features[keep].float(), dim=1), train_labels[keep]
-    k, top = min(k, len(bank)), min(5, num_classes)  # top-5 is top-C when there are C < 5 classes
-    hits = torch.zeros(2, dtype=torch.long, device=device)
-    for start in range(0, len(test_features), chunk_size):
-        queries = F.normalize(test_features[start:start + chunk_size].to(device).float(), dim=1)
-        targets = test_labels[start:start + chunk_size].to(device)
-        sims, index = (queries @ bank.T).topk(k, dim=1)
-        # exp((sim - 1) / T) = exp(sim / T) / exp(1 / T): the same ranking, and no overflow for small T
-        votes = torch.zeros(len(queries), num_classes, device=device)
-        votes.scatter_add_(1, bank_labels[index], ((sims - 1) / temperature).exp())
-        hit = votes.topk(top, dim=1).indices == targets[:, None]
-        hits += torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
-    return tuple(100.0 * h / len(test_features) for h in hits.tolist())
-
-
-def num_classes_of(dataset, labels=None):
-    return max(len(getattr(dataset, "classes", ())), int(labels.max()) + 1 if labels is not None else 0)
-
-
-_EVAL_SETS = {}  # (eval_data, global_size) -> (bank, val): the folders are scanned once per run
-
-
-def knn_monitor(backbone, eval_data, global_size, run, batch_size=256, workers=0, amp="off", k=20, temperature=0.07):
-    """kNN top-1/top-5 of an unwrapped `backbone` on centre crops, train bank -> val. Called by every
-    rank: each extracts the features of its shard of the images, all-gathered, so no rank idles
-    into the NCCL timeout while one process reads the whole data set. Every rank gets the result."""
-    key = (eval_data, global_size)
-    if key not in _EVAL_SETS:
-        _EVAL_SETS[key] = training.build_eval_datasets(eval_data, views.eval_transform(global_size))
-    bank_set, val_set = _EVAL_SETS[key]
-    options = argparse.Namespace(batch_size=batch_size, workers=workers, amp=amp)
-    bank, bank_labels = extract_all(backbone, bank_set, None, options, run, None)
-    val, val_labels = extract_all(backbone, val_set, None, options, run, None)
-    top1, top5 = knn_classify(bank.to(run.device), bank_labels, val, val_labels,
-                              num_classes_of(bank_set, bank_labels), k, temperature)
-    return dict(knn_top1=top1, knn_top5=top5)
-
-
-# ==============================================================================================
-# Linear probe, fine-tuning, and the loop they share
-# ==============================================================================================
-
-def new_linear(dim, num_classes, generator=None):
-    linear = nn.Linear(dim, num_classes)
-    nn.init.normal_(linear.weight, std=0.01, generator=generator)  # spec §4.1: N(0, 0.01), bias 0
-    nn.init.zeros_(linear.bias)
-    return linear
-
-
-def probe_optimizer(linear, is_vit, lr):
-    """CNN: LARS, trust ratio on the weight only (the bias group is lars_exclude), no weight decay
-    (§4.1). ViT: SGD momentum 0.9, no weight decay (§4.2)."""
-    if is_vit:
-        return torch.optim.SGD(linear.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    groups = [dict(params=[linear.weight]), dict(params=[linear.bias], lars_exclude=True)]
-    return training.LARS(groups, lr=lr, weight_decay=0.0, momentum=0.9)
+        module.train(was_training)
 
 
 def count_hits(logits, labels):
@@ -237,82 +251,99 @@ def count_hits(logits, labels):
 
 
 @torch.no_grad()
-def evaluate(predict, loader, run, amp="off"):
-    """Top-1/top-5 % over a loader of this rank's disjoint shard, summed over ranks."""
-    counts = torch.zeros(3, dtype=torch.float64, device=run.device)
-    for images, labels in loader:
-        labels = labels.to(run.device, non_blocking=True)
-        with training.autocast(run, amp):
-            logits = predict(images.to(run.device, non_blocking=True))
-        counts[:2] += count_hits(logits.float(), labels)
-        counts[2] += len(labels)
-    training.all_reduce_sum(counts)
-    return (100.0 * counts[:2] / counts[2].clamp(min=1)).tolist()
+def accuracy(classifier, features, labels, chunk=4096):
+    """[top-1 %, top-5 %] of classifier(features), `chunk` rows at a time, rounded to 0.01."""
+    hits = torch.zeros(2, device=features.device)
+    for rows, targets in zip(features.split(chunk), labels.split(chunk)):
+        hits += count_hits(classifier(rows).float(), targets)
+    return [round(v, 2) for v in (100.0 * hits / max(1, len(labels))).tolist()]
 
 
-def train_and_evaluate(model, optimizer, train_loader, val_loader, predict, epochs, lr, run, amp="off",
-                       inputs=None, report=None, min_lr=1e-6):
-    """The loop of the probe and of fine-tuning: cosine lr to min_lr set once per epoch (the paper's
-    classification code sets it before each epoch, §4.1), validation after every epoch.
-    inputs: images -> what `model` trains on, computed without gradient (the frozen features)."""
-    scaler = training.grad_scaler(run, amp)
-    lrs = training.cosine_schedule(lr, min_lr, epochs, 1)
-    history = []
-    for epoch in range(epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = lrs[epoch]
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        model.train()
-        loss_sum, steps = torch.zeros((), device=run.device), 0
-        for images, labels in tqdm(train_loader, desc=f"epoch {epoch}", disable=not run.main, leave=False):
-            images, labels = images.to(run.device, non_blocking=True), labels.to(run.device, non_blocking=True)
-            if inputs is not None:
-                with torch.no_grad(), training.autocast(run, amp):
-                    images = inputs(images)
-            loss_sum += train_step(model, optimizer, images, labels, run, amp, scaler)
-            steps += 1
-        model.eval()
-        top1, top5 = evaluate(predict, val_loader, run, amp)
-        history.append(dict(epoch=epoch, lr=lrs[epoch], loss=loss_sum.item() / max(steps, 1), top1=top1, top5=top5))
-        if report:
-            report(history)
-    return history
+# ----------------------------------------------------------------------------------------------
+# The linear probe, fine-tuning, and the loop they share
+# ----------------------------------------------------------------------------------------------
+
+def new_linear(dim, num_classes, generator=None):
+    linear = nn.Linear(dim, num_classes)
+    nn.init.normal_(linear.weight, std=0.01, generator=generator)  # N(0, 0.01), bias 0 (official DINO eval_linear.py)
+    nn.init.zeros_(linear.bias)
+    return linear
 
 
-def train_step(model, optimizer, inputs, labels, run, amp="off", scaler=None):
-    with training.autocast(run, amp):
+def probe_optimizer(linear, is_vit, lr):
+    """CNN: LARS on the weight, the bias without trust ratio (SSLight's classification LARS skips 1-d parameters),
+    momentum 0.9, no weight decay. ViT: SGD momentum 0.9, no weight decay (SSLight's dino_vit_linear.yaml)."""
+    if is_vit:
+        return torch.optim.SGD(linear.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
+    return LARS([dict(params=[linear.weight]), dict(params=[linear.bias], lars_exclude=True)], lr=lr, momentum=0.9)
+
+
+def train_loader_for(dataset, batch_size, workers, device, rank, world_size, seed):
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
+    # drop_last only when there is more than one batch: a last batch of 1 image breaks train-mode BatchNorm
+    return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers,
+                                       pin_memory=device.type == "cuda", drop_last=len(sampler) > batch_size,
+                                       persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
+
+
+def train_step(model, optimizer, inputs, labels, autocast, scaler):
+    with autocast:
         loss = F.cross_entropy(model(inputs).float(), labels)
     optimizer.zero_grad(set_to_none=True)
-    scaler = scaler or training.grad_scaler(run, amp)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
     return loss.detach()
 
 
-def wrap_ddp(module, run):
-    if not training.distributed():
-        return module
-    return DistributedDataParallel(module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+def train_and_evaluate(model, optimizer, loader, epochs, lr, to_inputs, evaluate, device, world_size, autocast, scaler,
+                       report=None, rank=0, min_lr=1e-6):
+    """The loop of the probe and of fine-tuning: a cosine lr to min_lr, set once per epoch (SSLight's
+    classification trainer sets it before each epoch), then evaluate() -> {top1, top5} after every epoch.
+    to_inputs: uint8 images -> what `model` trains on (the normalised images, or the frozen features)."""
+    lrs = cosine_schedule(lr, min_lr, epochs, 1)
+    history = []
+    for epoch in range(epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = lrs[epoch]
+        loader.sampler.set_epoch(epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        for images, labels in tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=rank != 0, leave=False):
+            loss_sum += train_step(model, optimizer, to_inputs(images), labels.to(device, non_blocking=True),
+                                   autocast, scaler)
+        loss = (all_reduce_sum(loss_sum) / (len(loader) * world_size)).item()  # the one host sync of the epoch
+        if not math.isfinite(loss):
+            raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}; try --amp off or a lower --lr")
+        history.append(dict(epoch=epoch + 1, lr=lrs[epoch], loss=loss, **evaluate()))
+        if report:
+            report(history)
+    return history
 
 
-def train_linear_probe(backbone, train_loader, val_loader, num_classes, epochs, lr, run, amp="off",
-                       n_last_blocks=4, report=None):
-    """The paper's probe: a Linear on the features of a frozen backbone kept in eval() for the whole
-    run, so BN uses the pre-training running statistics (§4.1). -> (linear, history)."""
+def train_linear_probe(backbone, loader, val_features, val_labels, num_classes, epochs, lr, device, world_size,
+                       autocast, scaler, memory_format, n_last_blocks=4, report=None, rank=0):
+    """The paper's probe: a Linear on the features of a frozen backbone kept in eval mode the whole run, so BN
+    uses the pre-training statistics (SSLight's *_linear.yaml, official MoCo main_lincls.py). The val features
+    are computed once by the caller: the backbone and the centre crops never change. -> (linear, history)."""
     backbone.eval().requires_grad_(False)
     features, dim = probe_features(backbone, n_last_blocks)
-    linear = new_linear(dim, num_classes).to(run.device)
-    optimizer = probe_optimizer(linear, backbone.is_vit, lr)
-    history = train_and_evaluate(wrap_ddp(linear, run), optimizer, train_loader, val_loader,
-                                 lambda images: linear(features(images)), epochs, lr, run, amp,
-                                 inputs=features, report=report)
+    linear = new_linear(dim, num_classes).to(device)
+    optimizer = probe_optimizer(linear, getattr(backbone, "is_vit", False), lr)
+
+    def frozen_features(images):
+        with torch.no_grad(), autocast:
+            return features(views.normalize(images, device, memory_format)).float()
+
+    evaluate = lambda: dict(zip(("top1", "top5"), accuracy(linear, val_features, val_labels)))
+    model = nn.parallel.DistributedDataParallel(linear) if world_size > 1 else linear
+    history = train_and_evaluate(model, optimizer, loader, epochs, lr, frozen_features, evaluate, device, world_size,
+                                 autocast, scaler, report, rank)
     return linear, history
 
 
 class FineTuneNet(nn.Module):
-    """Backbone + MLP head Linear(d, 2048)-BN-GELU-Linear(2048, 2048)-BN-GELU-Linear(2048, C) (§4.3).
+    """Backbone + Linear(d, 2048)-BN-GELU-Linear(2048, 2048)-BN-GELU-Linear(2048, C) (SSLight's dino_*_semi.yaml).
     head.0/1/3/4 are laid out like DINO's CNN head.mlp.0/1/3/4, so they can start from it."""
 
     def __init__(self, backbone, num_classes, hidden=2048):
@@ -327,7 +358,7 @@ class FineTuneNet(nn.Module):
 
 
 def init_head_from_dino(model, dino_head):
-    """Copy DINO's head.mlp.0/1/3/4 (the first two Linear+BN pairs) into model.head -> what was done."""
+    """Copy DINO's head.mlp.0/1/3/4 (the first two Linear + BN pairs) into model.head -> what was done."""
     target = model.head.state_dict()
     wanted = [k for k in target if k.split(".")[0] in ("0", "1", "3", "4")]
     source = {k[len("mlp."):]: v for k, v in (dino_head or {}).items() if k.startswith("mlp.")}
@@ -336,38 +367,27 @@ def init_head_from_dino(model, dino_head):
     if any(k not in source or source[k].shape != target[k].shape for k in wanted):
         return "head: random init (the DINO head is not Linear-BN-GELU-Linear-BN of matching sizes, e.g. a ViT head)"
     model.head.load_state_dict({k: source[k] for k in wanted}, strict=False)
-    return "head: Linear+BN pairs 0/1/3/4 copied from the DINO projection head; last Linear new"
+    return "head: Linear + BN pairs 0/1/3/4 copied from the DINO projection head; the last Linear is new"
 
 
 def finetune_optimizer(model, lr):
-    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)  # §4.3
-
-
-def finetune(model, train_loader, val_loader, epochs, lr, run, amp="off", report=None):
-    """The whole network in train mode (§4.3); SyncBN across GPUs as the paper's code."""
-    if training.distributed() and run.device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(run.device)
-    model.requires_grad_(True)
-    optimizer = finetune_optimizer(model, lr)
-    return train_and_evaluate(wrap_ddp(model, run), optimizer, train_loader, val_loader, model, epochs, lr, run, amp,
-                              report=report)
+    # SGD Nesterov, momentum 0.9, no weight decay, the same lr for the head (SSLight's dino_*_semi.yaml)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
 
 
 @torch.enable_grad()  # callers may hold cached features under no_grad
-def fit_linear(features, labels, num_classes, epochs=100, lr=1e-3, batch_size=1024, seed=0, device="cpu"):
-    """Fast mode only, NOT the paper's protocol: a Linear trained on cached features with Adam
-    (no weight decay, cosine per step to 0, shuffled mini-batches of the cached tensor). Adam because
-    cached features of different backbones differ in scale by orders of magnitude, and Adam's
-    per-weight step makes one default lr work for all: no lr sweep in a mode meant to take seconds."""
+def fit_linear(features, labels, num_classes, epochs=100, lr=1e-3, batch_size=1024, seed=0):
+    """fast-linear only, NOT the paper's protocol: a Linear trained on cached features with Adam (no weight
+    decay, cosine per step to 0, shuffled mini-batches). Adam because cached features of different backbones
+    differ in scale by orders of magnitude, and its per-weight step makes one lr work for all: no lr sweep
+    in a mode meant to take seconds. Seeded: every rank fits the same classifier."""
     generator = torch.Generator().manual_seed(seed)
-    linear = new_linear(features.shape[1], num_classes, generator).to(device)
-    features, labels = features.to(device), labels.to(device)
+    linear = new_linear(features.shape[1], num_classes, generator).to(features.device)
     optimizer = torch.optim.Adam(linear.parameters(), lr=lr, weight_decay=0.0)
     steps_per_epoch = math.ceil(len(features) / batch_size)
-    lrs = training.cosine_schedule(lr, 0.0, epochs, steps_per_epoch)
+    lrs = cosine_schedule(lr, 0.0, epochs, steps_per_epoch)
     for epoch in range(epochs):
-        order = torch.randperm(len(features), generator=generator).to(device)
+        order = torch.randperm(len(features), generator=generator).to(features.device)
         for i in range(steps_per_epoch):
             optimizer.param_groups[0]["lr"] = lrs[epoch * steps_per_epoch + i]
             index = order[i * batch_size:(i + 1) * batch_size]
@@ -378,28 +398,27 @@ def fit_linear(features, labels, num_classes, epochs=100, lr=1e-3, batch_size=10
     return linear
 
 
-# ==============================================================================================
-# Label subsets for fine-tuning (§4.3)
-# ==============================================================================================
+# ----------------------------------------------------------------------------------------------
+# Label subsets for fine-tuning
+# ----------------------------------------------------------------------------------------------
 
 def balanced_subset(labels, fraction, seed=0):
-    """Sorted indices of `fraction` of each class (at least 1 per class), drawn with a seeded
-    generator: the same subset on every rank and every run."""
+    """Sorted indices of `fraction` of each class (at least 1 per class), drawn with a seeded generator:
+    the same subset on every rank and in every run."""
     labels = torch.as_tensor(labels)
     generator = torch.Generator().manual_seed(seed)
     chosen = []
     for c in labels.unique().tolist():
-        if c < 0:
-            continue  # unlabelled
-        index = (labels == c).nonzero().flatten()
-        count = max(1, round(fraction * len(index)))
-        chosen.append(index[torch.randperm(len(index), generator=generator)[:count]])
+        if c >= 0:  # -1: unlabelled
+            index = (labels == c).nonzero().flatten()
+            chosen.append(index[torch.randperm(len(index), generator=generator)[:max(1, round(fraction * len(index)))]])
     return torch.cat(chosen).sort().values.tolist()
 
 
 def subset_from_file(paths, subset_file):
-    """Indices of `paths` whose file name is listed in `subset_file`: one name per line, or the
-    spec's "index,label,wnid,filename" lines (the last comma field; indices are not portable)."""
+    """Indices of `paths` whose file name is listed in `subset_file`: one name a line, or SSLight's
+    classification/data/imagenet_subsets "index,label,wnid,filename" lines (matched on the file name: the
+    index is a position in SSLight's own ordering). -> (indices, number of names listed)."""
     with open(subset_file) as f:
         names = {os.path.basename(line.strip().split(",")[-1].strip()) for line in f if line.strip()}
     return [i for i, path in enumerate(paths) if os.path.basename(path) in names], len(names)
@@ -409,170 +428,381 @@ def dataset_labels(dataset):
     for attribute in ("targets", "labels"):  # torchvision CIFAR / STL-10
         if hasattr(dataset, attribute):
             return torch.as_tensor(getattr(dataset, attribute))
-    if hasattr(dataset, "samples"):  # ImageFiles
+    if hasattr(dataset, "samples"):  # views.ImageFiles
         return torch.tensor([label for _, label in dataset.samples])
     return torch.tensor([dataset[i][1] for i in range(len(dataset))])  # synthetic: renders every image once
 
 
-# ==============================================================================================
-# Data and the command line
-# ==============================================================================================
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
 
-def build_datasets(data, global_size, train_augment=True):
-    """-> (train, val). Train: RandomResizedCrop(bicubic) + flip (§4.1), or centre crops for the
-    cached-feature modes; val: Resize(256/224 * size) + CenterCrop(size), bicubic."""
-    val_tf = views.eval_transform(global_size)
-    train_tf = T.Compose([T.RandomResizedCrop(global_size, interpolation=T.InterpolationMode.BICUBIC),
-                          T.RandomHorizontalFlip(), T.ToTensor(),
-                          T.Normalize(views.IMAGENET_MEAN, views.IMAGENET_STD)]) if train_augment else val_tf
-    return training.build_eval_datasets(data, val_tf, train_tf)
+def main(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    rank, world_size, device = init_distributed(args.device, args.seed)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    state, info = read_checkpoint(args.checkpoint, args.checkpoint_key)
+    config = resolve_config(args, world_size, info["arch"])
+    config.amp, amp_note = resolve_amp(config.amp, device)
+    backbone = backbone_from(state, info, config.arch)
+    memory_format = backbones.memory_format(config.arch, device)  # channels_last for CNNs on CUDA
+    backbone.to(device, memory_format=memory_format)
+    autocast = torch.autocast(device.type, torch.float16 if config.amp == "fp16" else torch.bfloat16,
+                              enabled=config.amp != "off")
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    tag = "[fast-linear: NOT the paper's protocol] " if config.mode == "fast-linear" else ""
+    log(f"{tag}{config.mode} | {config.arch} from {config.checkpoint} ({info['method']}"
+        f"{', ' + info['key'] if info['key'] else ''}) | {config.data} at {config.global_size}px | {world_size} "
+        f"process(es) on {device}, amp {config.amp} {amp_note}| results: {config.output}")
+    log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(config).items())))
 
+    # ============ data: labelled train images (augmented for the probe and fine-tuning), centre-cropped val ===========
+    if rank != 0:
+        barrier()  # rank 0 downloads a named data set first
+    augment = views.probe_transform(config.global_size) if config.mode in ("linear", "finetune") else None
+    train_set, val_set = views.build_eval_datasets(config.data, views.eval_transform(config.global_size), augment,
+                                                   download=rank == 0)
+    if rank == 0:
+        barrier()
+    num_classes = len(train_set.classes)
+    extract = lambda module, fn, dataset: features_in_eval_mode(module, fn, dataset, config.batch_size, config.workers,
+                                                                device, rank, world_size, autocast, memory_format)
+    global_batch = config.batch_size * world_size
+    result = dict(mode=config.mode, protocol=PROTOCOLS[config.mode], arch=config.arch, checkpoint=config.checkpoint,
+                  method=info["method"], checkpoint_key=info["key"], data=config.data, global_size=config.global_size,
+                  world_size=world_size, amp=config.amp, train_images=len(train_set), val_images=len(val_set))
 
-def train_loader_for(dataset, args, run):
-    sampler = DistributedSampler(dataset, num_replicas=run.world, rank=run.rank, shuffle=True, seed=args.seed)
-    return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
-                      pin_memory=run.device.type == "cuda", drop_last=len(sampler) > args.batch_size,
-                      persistent_workers=args.workers > 0)
-
-
-def shard_loader_for(dataset, args, run):
-    """This rank's images rank, rank + world, ...: disjoint shards, so every image is counted
-    exactly once (a DistributedSampler would pad with repeats)."""
-    shard = Subset(dataset, range(run.rank, len(dataset), run.world))
-    return DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers, pin_memory=run.device.type == "cuda")
-
-
-def extract_all(backbone, dataset, feature_fn, args, run, desc):
-    """Features of the whole dataset, in dataset order, on every rank (strided shards + all-gather)."""
-    with training.autocast(run, args.amp):
-        features, labels = extract_features(backbone, shard_loader_for(dataset, args, run), run.device,
-                                            feature_fn, desc if run.main else None)
-    if run.world == 1:
-        return features, labels
-    n, per = len(dataset), math.ceil(len(dataset) / run.world)
-
-    def gather(t):  # pad every shard to `per`, gather, then interleave: row j of rank r is image j * world + r
-        t = torch.cat([t, t.new_zeros((per - len(t),) + t.shape[1:])]).to(run.device)
-        return training.concat_all_gather(t).view(run.world, per, *t.shape[1:]).transpose(0, 1).flatten(0, 1)[:n].cpu()
-    return gather(features), gather(labels)
-
-
-def get_args_parser():
-    p = argparse.ArgumentParser(description="Linear probe / kNN / fine-tuning of a pre-trained backbone (spec §4).")
-    p.add_argument("--mode", default="linear", choices=["linear", "fast-linear", "knn", "finetune"],
-                   help="linear: the paper's probe (§4.1/4.2); fast-linear: Adam on cached features, seconds, "
-                        "NOT the paper's protocol; knn: weighted kNN; finetune: semi-supervised (§4.3)")
-    p.add_argument("--arch", default="resnet18", help=f"one of {', '.join(backbones.ARCHS)}; must match the checkpoint")
-    p.add_argument("--checkpoint", required=True,
-                   help="checkpoint.pth of dino.py / moco_v2.py / swav.py, an exported backbone, or 'none' (random init)")
-    p.add_argument("--checkpoint-key", default="teacher", choices=["teacher", "student"],
-                   help="DINO network to evaluate: teacher (official DINO); the SSLight code took the student (§4)")
-    p.add_argument("--data", default="synthetic", help="ImageFolder root with train/ and val/, cifar10 | cifar100 | stl10, or synthetic")
-    p.add_argument("--global-size", type=int, default=224, help="crop size: paper 224; e.g. 112 for Imagenette-112, 32 for CIFAR")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="linear / fast-linear 100; finetune 60 for 1%% labels, 30 for 10%% (§4.3: 60 below 5%%, else 30)")
-    p.add_argument("--batch-size", type=int, default=128, help="per process; paper: linear CNN 512 x 8 = 4096, ViT 128 x 8, finetune 128 x 8")
-    p.add_argument("--lr", type=float, default=None,
-                   help="per 256 images (scaled by the global batch): linear CNN 0.05 (LARS, 0.8 at 4096), ViT 0.01 (SGD), "
-                        "finetune 0.03 (0.12 at 1024); fast-linear: Adam lr, 1e-3, not scaled")
-    p.add_argument("--n-last-blocks", type=int, default=4, help="ViT probe: CLS tokens of the last n blocks (paper 4)")
-    p.add_argument("--knn-k", type=int, default=20, help="DINO 20; the MoCo / InstDisc monitor uses 200")
-    p.add_argument("--knn-t", type=float, default=0.07, help="vote weight exp(sim / T): DINO 0.07; MoCo monitor 0.1")
-    p.add_argument("--label-fraction", type=float, default=None, help="finetune: fraction of each class's labels (default 0.01)")
-    p.add_argument("--subset-file", default=None, help="finetune: file names to keep, one per line (or index,label,wnid,filename)")
-    p.add_argument("--output-dir", default=None, help="default runs/eval-<mode>-<arch>")
-    p.add_argument("--output", default=None, help="results JSON, default <output-dir>/linear_eval.json")
-    p.add_argument("--workers", type=int, default=8, help="data-loader processes per process")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="autocast on CUDA (the paper: fp32); ignored on CPU")
-    return p
-
-
-def main(args):
-    run = training.setup_run(args)
-    log = print if run.main else (lambda *a, **k: None)
-    args.output_dir = args.output_dir or os.path.join("runs", f"eval-{args.mode}-{args.arch}")
-    output = args.output or os.path.join(args.output_dir, "linear_eval.json")
-    try:
-        backbone, info = load_backbone(args.checkpoint, args.arch, args.checkpoint_key)
-    except CheckpointError as error:
-        raise SystemExit(f"error: {error}")
-    backbone.to(run.device)
-    result = dict(mode=args.mode, protocol=PROTOCOLS[args.mode], arch=args.arch, checkpoint=args.checkpoint,
-                  method=info["method"], checkpoint_key=info["key"], data=args.data, global_size=args.global_size,
-                  world_size=run.world, amp=args.amp if run.device.type == "cuda" else "off")
-    tag = "[fast-linear: NOT the paper's protocol] " if args.mode == "fast-linear" else ""
-    log(f"{tag}{args.mode} | {args.arch} from {args.checkpoint} ({info['method']}"
-        f"{', ' + info['key'] if info['key'] else ''}) | {args.data} at {args.global_size}px | {run.world} process(es) on {run.device}")
-
-    def write(extra):
+    def write(extra):  # replaced atomically: a killed run keeps the results of its last finished epoch
         result.update(extra)
-        if run.main:
-            os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-            with open(output, "w", encoding="utf-8") as f:
-                json.dump(result, f, indent=2, ensure_ascii=False)
+        if rank == 0:
+            os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
+            with open(f"{config.output}.tmp", "w") as f:
+                json.dump(result, f, indent=2)
+            os.replace(f"{config.output}.tmp", config.output)
 
-    def report(history):  # after every epoch: print and rewrite the JSON, so a killed run keeps its numbers
-        best = max(history, key=lambda h: h["top1"])
-        h = history[-1]
-        log(f"{tag}epoch {h['epoch']}: loss {h['loss']:.4f} lr {h['lr']:.4g} top-1 {h['top1']:.2f} top-5 {h['top5']:.2f} "
-            f"(best top-1 {best['top1']:.2f} at epoch {best['epoch']})")
-        write(dict(history=history, final_top1=h["top1"], final_top5=h["top5"], best_top1=best["top1"],
+    def report(history):  # after every epoch: one line, and the JSON rewritten
+        best, last = max(history, key=lambda h: h["top1"]), history[-1]
+        log(f"{tag}epoch {last['epoch']}/{result['epochs']}: loss {last['loss']:.4f}, lr {last['lr']:.4g}, top-1 "
+            f"{last['top1']:.2f} %, top-5 {last['top5']:.2f} % (best {best['top1']:.2f} in epoch {best['epoch']})")
+        write(dict(history=history, final_top1=last["top1"], final_top5=last["top5"], best_top1=best["top1"],
                    best_top5=best["top5"], best_epoch=best["epoch"]))
 
-    global_batch = args.batch_size * run.world
-    if args.mode in ("knn", "fast-linear"):
-        feature_fn, _ = probe_features(backbone, args.n_last_blocks) if args.mode == "fast-linear" else (backbone, None)
-        bank_set, val_set = build_datasets(args.data, args.global_size, train_augment=False)
-        bank, bank_labels = extract_all(backbone, bank_set, feature_fn, args, run, "train features")
-        val, val_labels = extract_all(backbone, val_set, feature_fn, args, run, "val features")
-        classes = num_classes_of(bank_set, bank_labels)
-        if args.mode == "knn":
-            top1, top5 = knn_classify(bank.to(run.device), bank_labels, val, val_labels, classes, args.knn_k, args.knn_t)
-            extra = dict(k=args.knn_k, temperature=args.knn_t)
+    classifier = None
+    if config.mode in ("knn", "fast-linear"):
+        feature_fn = probe_features(backbone, config.n_last_blocks)[0] if config.mode == "fast-linear" else backbone
+        bank, bank_labels = extract(backbone, feature_fn, train_set)
+        val, val_labels = extract(backbone, feature_fn, val_set)
+        if config.mode == "knn":
+            top1, top5 = (round(v, 2) for v in knn_classify(bank, bank_labels, val, val_labels, num_classes,
+                                                            config.knn_k, config.knn_t))
+            extra = dict(k=config.knn_k, temperature=config.knn_t)
         else:
-            epochs, lr = args.epochs or 100, args.lr or 1e-3
-            keep = bank_labels >= 0
-            linear = fit_linear(bank[keep], bank_labels[keep], classes, epochs, lr, seed=args.seed, device=run.device)
-            with torch.no_grad():
-                top1, top5 = [100.0 * h / len(val) for h in count_hits(linear(val.to(run.device)), val_labels.to(run.device)).tolist()]
-            extra = dict(epochs=epochs, lr=lr, optimizer="adam", batch_size=1024)
-        log(f"{tag}{args.mode}: top-1 {top1:.2f} top-5 {top5:.2f} ({len(bank)} train / {len(val)} val images)")
+            labelled = bank_labels >= 0
+            classifier = fit_linear(bank[labelled], bank_labels[labelled], num_classes, config.epochs, config.lr,
+                                    seed=config.seed)
+            top1, top5 = accuracy(classifier, val, val_labels)
+            extra = dict(epochs=config.epochs, lr=config.lr, optimizer="adam", batch_size=1024)
         write(dict(extra, final_top1=top1, final_top5=top5, best_top1=top1, best_top5=top5))
-    elif args.mode == "linear":
-        train_set, val_set = build_datasets(args.data, args.global_size)
-        epochs = args.epochs or 100
-        lr = (args.lr or (0.01 if backbone.is_vit else 0.05)) * global_batch / 256
-        write(dict(epochs=epochs, lr=lr, global_batch=global_batch, optimizer="sgd" if backbone.is_vit else "lars"))
-        train_linear_probe(backbone, train_loader_for(train_set, args, run), shard_loader_for(val_set, args, run),
-                           num_classes_of(train_set), epochs, lr, run, args.amp, args.n_last_blocks, report)
-    else:  # finetune
-        train_set, val_set = build_datasets(args.data, args.global_size)
-        if args.subset_file:
+    elif config.mode == "linear":
+        lr = config.lr * global_batch / 256
+        write(dict(epochs=config.epochs, lr=lr, global_batch=global_batch,
+                   optimizer="sgd" if backbones.is_vit(config.arch) else "lars"))
+        val, val_labels = extract(backbone, probe_features(backbone, config.n_last_blocks)[0], val_set)
+        loader = train_loader_for(train_set, config.batch_size, config.workers, device, rank, world_size, config.seed)
+        classifier, _ = train_linear_probe(backbone, loader, val, val_labels, num_classes, config.epochs, lr, device,
+                                           world_size, autocast, scaler, memory_format, config.n_last_blocks, report,
+                                           rank)
+    else:  # finetune: the whole network in train mode on a labelled subset
+        if config.subset_file:
             if not hasattr(train_set, "samples"):
-                raise SystemExit("--subset-file needs --data to be an image folder (file names to match)")
-            indices, listed = subset_from_file([path for path, _ in train_set.samples], args.subset_file)
-            log(f"{args.subset_file}: {listed} names listed, {len(indices)} matched in {args.data}/train")
+                raise UserError("--subset-file needs --data to be a folder with train/ and val/ (file names to match)")
+            indices, listed = subset_from_file([path for path, _ in train_set.samples], config.subset_file)
+            log(f"{config.subset_file}: {listed} file names listed, {len(indices)} images of {config.data}/train match")
             if not indices:
-                raise SystemExit(f"no file of {args.data}/train is named in {args.subset_file}")
+                raise UserError(f"no file of {config.data}/train is named in {config.subset_file}")
         else:
-            indices = balanced_subset(dataset_labels(train_set), args.label_fraction or 0.01, args.seed)
+            indices = balanced_subset(dataset_labels(train_set), config.label_fraction or 0.01, config.seed)
         fraction = len(indices) / len(train_set)
-        epochs = args.epochs or (60 if fraction < 0.05 else 30)
-        lr = (args.lr or 0.03) * global_batch / 256
-        model = FineTuneNet(backbone, num_classes_of(train_set))
-        head_note = init_head_from_dino(model, info["head"])
-        log(f"{len(indices)} labelled images ({100 * fraction:.2f}%), {epochs} epochs, lr {lr:.4g}; {head_note}")
+        epochs = config.epochs or (60 if fraction < 0.05 else 30)
+        lr = config.lr * global_batch / 256
+        classifier = FineTuneNet(backbone, num_classes)
+        head_note = init_head_from_dino(classifier, info["head"])
+        log(f"{len(indices)} labelled images ({100 * fraction:.2f} %), {epochs} epochs, lr {lr:.4g}; {head_note}")
         write(dict(epochs=epochs, lr=lr, global_batch=global_batch, labelled_images=len(indices),
                    label_fraction=fraction, head_init=head_note))
-        finetune(model, train_loader_for(Subset(train_set, indices), args, run), shard_loader_for(val_set, args, run),
-                 epochs, lr, run, args.amp, report)
-    if "final_top1" in result:
-        log(f"{tag}final top-1 {result['final_top1']:.2f} top-5 {result['final_top5']:.2f}; "
-            f"best top-1 {result['best_top1']:.2f}; results in {output}")
-    training.cleanup()
+        # SyncBN across GPUs, as SSLight's fine-tuning; BN of the backbone and of the head
+        classifier = backbones.sync_batchnorm(classifier, device, world_size).to(device, memory_format=memory_format)
+        model = nn.parallel.DistributedDataParallel(classifier) if world_size > 1 else classifier
+        loader = train_loader_for(torch.utils.data.Subset(train_set, indices), config.batch_size, config.workers,
+                                  device, rank, world_size, config.seed)
+        logits = lambda: extract(classifier, classifier, val_set)
+        evaluate = lambda: dict(zip(("top1", "top5"), accuracy(nn.Identity(), *logits())))
+        train_and_evaluate(model, finetune_optimizer(classifier, lr), loader, epochs, lr,
+                           lambda images: views.normalize(images, device, memory_format), evaluate, device, world_size,
+                           autocast, scaler, report, rank)
+        backbone = classifier.backbone
+    log(f"{tag}{config.mode}: top-1 {result['final_top1']:.2f} %, top-5 {result['final_top5']:.2f} %"
+        + (f" (best top-1 {result['best_top1']:.2f} % in epoch {result['best_epoch']})" if "history" in result else "")
+        + f"; {len(train_set)} train / {len(val_set)} val images; results in {config.output}")
+    barrier()
+    return dict(backbone=backbone, classifier=classifier, result=result)
+
+
+# ---- plumbing: identical in dino.py, moco_v2.py, swav.py, linear_eval.py (tests/test_plumbing.py) ----
+# Distributed setup and collectives, LARS and its parameter groups, the cosine schedule, checkpoints and the
+# run folder, the kNN monitor. Written out in every script, as official MoCo repeats its helpers in
+# main_moco.py and main_lincls.py, so that one script can be copied with backbones.py and views.py alone.
+# Every function takes explicit values, never `args`.
+
+def init_distributed(device_name, seed):
+    """-> (rank, world_size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python script.py`
+    is one process without a process group, and every collective below is then a no-op."""
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA device is visible")
+    rank, world_size, device = 0, 1, torch.device("cuda" if use_cuda else "cpu")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if use_cuda:  # modulo: a launcher may show each process only its own GPU (SLURM --gpus-per-task=1)
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(seed + rank)
+    return rank, world_size, device
+
+
+def given_flags(parser, argv=None):
+    """The names of the flags typed on the command line (their defaults are not in it)."""
+    unset = object()
+    typed = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return {name for name, value in vars(typed).items() if value is not unset}
+
+
+def resolve_amp(amp, device):
+    """-> (autocast dtype name or "off", a note). auto: bf16 on GPUs of compute capability >= 8.0; fp16
+    with a GradScaler below, where cuDNN has no fast bf16 convolutions (torch.cuda.is_bf16_supported() still
+    says True); off on the CPU. An explicit value holds on any device: the CPU runs the same AMP branches."""
+    note = ""
+    if amp == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        amp, note = "fp16", "(compute capability < 8.0: fp16, bf16 convolutions would be slow) "
+    elif amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels
+        torch.set_float32_matmul_precision("high" if amp != "off" else "highest")  # off = fp32 matmuls, no TF32
+    return amp, note
+
+
+def loader_workers(requested):
+    """--workers, or by default this node's CPU cores shared among its processes (torchrun's LOCAL_WORLD_SIZE),
+    at most 8: 8 GPUs x 8 workers on a 64-core node, not 8 x 64."""
+    if requested is not None:
+        return requested
+    return min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(tensor):
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def all_gather_cat(tensor):
+    """Every rank's `tensor` concatenated along dim 0, in rank order (no gradient)."""
+    if not is_distributed():
+        return tensor
+    tensor = tensor.contiguous()  # one plain layout for sent and received buffers (not channels_last)
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor)
+    return torch.cat(gathered)
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def param_groups(modules, decay_all=False):
+    """SSLight's three groups, trainable parameters only (decay_all: one group, MoCo-v2's way):
+    regularized:     ndim >= 2, not depthwise -> weight decay, LARS adaptation;
+    depthwise:       4-D conv weights with shape[1] == 1 (MobileNetV2) -> no weight decay, LARS kept;
+    not regularized: biases and norm parameters (ndim < 2) -> no weight decay, no LARS."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if decay_all:
+        return [dict(params=params, wd_factor=1.0, lars_exclude=False)]
+    depthwise = lambda p: p.ndim == 4 and p.shape[1] == 1
+    groups = [dict(params=[p for p in params if p.ndim >= 2 and not depthwise(p)], wd_factor=1.0, lars_exclude=False),
+              dict(params=[p for p in params if depthwise(p)], wd_factor=0.0, lars_exclude=False),
+              dict(params=[p for p in params if p.ndim < 2], wd_factor=0.0, lars_exclude=True)]
+    return [g for g in groups if g["params"]]
+
+
+class LARS(torch.optim.Optimizer):
+    """SSLight's LARS: g = grad + wd * p; unless lars_exclude, g *= eta * ||p|| / ||g|| when both norms
+    are > 0; mu = momentum * mu + g; p -= lr * mu. eta 0.001, momentum 0.9, no Nesterov. The trust ratios
+    of a group are computed as one stacked tensor (a few kernels per group, no host sync)."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                                      lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            # torch._foreach_*: one kernel over the whole list, as torch's own optimizers do
+            grads = torch._foreach_add([p.grad for p in params], params, alpha=group["weight_decay"])
+            if not group["lars_exclude"]:
+                norms = torch.stack(torch._foreach_norm(params + list(grads))).view(2, -1)  # (param, grad) norms
+                ratios = torch.where((norms > 0).all(0), group["eta"] * norms[0] / norms[1], 1.0)
+                for g, ratio in zip(grads, ratios.unbind()):
+                    g.mul_(ratio)
+            buffers = []
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buffers.append(self.state[p]["momentum_buffer"])
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+
+
+def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, start_warmup=0.0):
+    """One value per iteration (official DINO utils.cosine_scheduler): linear warm-up from start_warmup
+    to base over warmup_epochs (may be fractional), then a cosine from base to final."""
+    warmup_iters, total = int(warmup_epochs * iters_per_epoch), int(epochs * iters_per_epoch)
+    warmup = [start_warmup + (base - start_warmup) * i / warmup_iters for i in range(warmup_iters)]
+    rest = total - warmup_iters
+    return warmup + [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / rest)) for i in range(rest)]
+
+
+def save_checkpoint(state, path):
+    """Atomic and keeping the last good one: write PATH.tmp, move PATH to PATH.prev, rename the new file
+    to PATH. A kill at any moment leaves a complete checkpoint; a failed write (disk full) leaves the
+    old ones as they were and stops the run with a clear message."""
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(state, tmp)
+    except (OSError, RuntimeError) as error:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write the checkpoint {path} ({error}); the last good one is kept") from None
+    if os.path.exists(path):
+        os.replace(path, f"{path}.prev")
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, log=print):
+    """The newest readable of PATH and PATH.prev, or None when neither exists. An unreadable file is
+    named and the previous checkpoint used instead."""
+    candidates = [p for p in (path, f"{path}.prev") if os.path.exists(p)]
+    for candidate in candidates:
+        try:
+            return torch.load(candidate, map_location="cpu", weights_only=False)
+        except Exception as error:
+            log(f"warning: cannot read {candidate} ({type(error).__name__}: {str(error)[:200]}); trying an older one")
+    if candidates:
+        raise UserError(f"no readable checkpoint in {os.path.dirname(path) or '.'}: {', '.join(candidates)} are broken")
+    return None
+
+
+def lock_output_dir(output_dir):
+    """Hold OUTPUT_DIR/lock (host and pid of the holder) for the rest of this process, so two runs never
+    write the same folder. A lock left by a dead process on this host is taken over."""
+    os.makedirs(output_dir, exist_ok=True)
+    path, me = os.path.join(output_dir, "lock"), f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            with open(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                f.write(me)
+            atexit.register(lambda: os.path.exists(path) and open(path).read() == me and os.remove(path))
+            return
+        except FileExistsError:
+            host, _, pid = open(path).read().partition(" ")
+            if f"{host} {pid}" == me:
+                return  # this process holds it already (main() called twice in one process)
+            if host == socket.gethostname() and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                os.remove(path)  # stale: its holder is gone
+                continue
+            raise UserError(f"{output_dir} is in use by another run ({host} pid {pid}); wait, or remove {path} "
+                            "if no run is alive") from None
+
+
+def write_log(path, records):
+    """log.jsonl = exactly these records, one JSON line each, replaced atomically: after any kill and
+    resume it holds one line per finished epoch (the records travel in the checkpoint)."""
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    os.replace(f"{path}.tmp", path)
+
+
+@torch.no_grad()
+def extract_features(feature_fn, dataset, batch_size, workers, device, rank, world_size, autocast,
+                     memory_format=torch.contiguous_format):
+    """Features of the whole `dataset`, in its order, on every rank: rank r extracts the images r, r + W,
+    r + 2W, ... (so no rank idles into the NCCL timeout), then all ranks gather and interleave."""
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    features, labels, dim = [], [], None
+    for images, targets in loader:
+        with autocast:
+            features.append(feature_fn(views.normalize(images, device, memory_format)).float())
+        labels.append(torch.as_tensor(targets).to(device))
+    if features:
+        features, labels = torch.cat(features), torch.cat(labels).long()
+    else:  # fewer images than processes: this rank's shard is empty
+        with autocast:
+            dim = feature_fn(views.normalize(dataset[0][0][None], device, memory_format)).shape[1]
+        features, labels = torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    per_rank = math.ceil(len(dataset) / world_size)  # pad every shard to the same length, gather, interleave
+    pad = lambda t: torch.cat([t, t.new_zeros((per_rank - len(t),) + t.shape[1:])])
+    gather = lambda t: all_gather_cat(pad(t)).view(world_size, per_rank, *t.shape[1:]).transpose(0, 1).flatten(0, 1)
+    return gather(features)[:len(dataset)], gather(labels)[:len(dataset)]
+
+
+@torch.no_grad()
+def knn_classify(bank, bank_labels, queries, query_labels, num_classes, k=20, temperature=0.07, chunk=512):
+    """Weighted kNN (official DINO eval_knn.py): the k most cosine-similar bank images vote for their class
+    with weight exp(sim / T). -> (top-1 %, top-5 %). Bank images with label -1 (unlabelled) do not vote."""
+    keep = bank_labels >= 0
+    bank, bank_labels = F.normalize(bank[keep].float(), dim=1), bank_labels[keep]
+    k, top, hits = min(k, len(bank)), min(5, num_classes), torch.zeros(2, device=bank.device)
+    for start in range(0, len(queries), chunk):
+        similarity, index = (F.normalize(queries[start:start + chunk].float(), dim=1) @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(similarity), num_classes, device=bank.device)
+        votes.scatter_add_(1, bank_labels[index], ((similarity - 1) / temperature).exp())  # exp(sim/T), no overflow
+        hit = votes.topk(top, dim=1).indices == query_labels[start:start + chunk, None]
+        hits += torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
+    return tuple((100.0 * hits / max(1, len(queries))).tolist())
+
+
+def knn_monitor(backbone, bank_set, val_set, batch_size, workers, device, rank, world_size, autocast,
+                memory_format=torch.contiguous_format):
+    """kNN top-1 / top-5 (k 20, T 0.07) of `backbone` in eval mode, train bank -> val, on every rank."""
+    was_training = backbone.training
+    backbone.eval()
+    extract = lambda dataset: extract_features(backbone, dataset, batch_size, workers, device, rank, world_size,
+                                               autocast, memory_format)
+    (bank, bank_labels), (val, val_labels) = extract(bank_set), extract(val_set)
+    backbone.train(was_training)
+    num_classes = max(len(getattr(bank_set, "classes", ())), int(bank_labels.max()) + 1)
+    top1, top5 = knn_classify(bank, bank_labels, val, val_labels, num_classes)
+    return dict(knn_top1=round(top1, 2), knn_top5=round(top5, 2))
+# ---- end of plumbing ----
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -24,14 +24,13 @@ import backbones  # noqa: E402
 import views  # noqa: E402
 
 
-def dino_step(arch, recipe, batch_size, device):
+def dino_step(arch, recipe, batch_size, device, fmt):
     """-> (the modules, step(crops)): DINO's step as dino.py's loop runs it."""
     import dino
     defaults = dino.PAPER_DEFAULTS["vit" if backbones.is_vit(arch) else "cnn"]
     student = dino.build_dino_net(arch, defaults["out_dim"], defaults["use_bn_in_head"], defaults["norm_last_layer"],
                                   defaults["drop_path"])
     teacher = dino.build_dino_net(arch, defaults["out_dim"], defaults["use_bn_in_head"], defaults["norm_last_layer"])
-    fmt = backbones.memory_format(arch, device)
     student, teacher = student.to(device, memory_format=fmt), teacher.to(device, memory_format=fmt)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
@@ -57,11 +56,10 @@ def dino_step(arch, recipe, batch_size, device):
     return step
 
 
-def moco_step(arch, recipe, batch_size, device):
+def moco_step(arch, recipe, batch_size, device, fmt):
     """MoCo's multi-crop step as moco_v2.py's loop runs it (split-BN keys in one process)."""
     import moco_v2
     query_encoder, key_encoder = (moco_v2.build_moco_net(arch, 128, 2048) for _ in range(2))
-    fmt = backbones.memory_format(arch, device)
     query_encoder, key_encoder = query_encoder.to(device, memory_format=fmt), key_encoder.to(device, memory_format=fmt)
     key_encoder.load_state_dict(query_encoder.state_dict())
     key_encoder.requires_grad_(False)
@@ -88,10 +86,10 @@ def moco_step(arch, recipe, batch_size, device):
     return step
 
 
-def swav_step(arch, recipe, batch_size, device):
+def swav_step(arch, recipe, batch_size, device, fmt):
     """SwAV's step as swav.py's loop runs it (the queue full from the start: the slowest case)."""
     import swav
-    model = swav.build_swav_net(arch).to(device, memory_format=backbones.memory_format(arch, device))
+    model = swav.build_swav_net(arch).to(device, memory_format=fmt)
     queue = swav.EmbeddingQueue(swav.queue_rows(3840, batch_size, 1), 128).to(device)
     queue.embeddings.normal_()
     optimizer = swav.LARS(swav.param_groups([model]), lr=1e-4)
@@ -116,10 +114,11 @@ def benchmark_step(args):
     amp = args.amp if device.type == "cuda" or args.amp != "bf16" else "off"
     recipe = views.get_recipe(args.method, args.recipe, backbones.is_vit(args.arch), global_size=args.global_size,
                               local_crops=args.local_crops)
+    fmt = {"auto": backbones.memory_format(args.arch, device), "channels_last": torch.channels_last,
+           "contiguous": torch.contiguous_format}[args.memory_format]
     torch.manual_seed(0)
     step = {"dino": dino_step, "moco": moco_step, "swav": swav_step}[args.method](args.arch, recipe, args.batch_size,
-                                                                                device)
-    fmt = backbones.memory_format(args.arch, device)
+                                                                                device, fmt)
     sizes = [recipe.global_size] * 2 + [recipe.local_size] * recipe.local_crops
     crops = [torch.randn(args.batch_size, 3, s, s, device=device).contiguous(memory_format=fmt) for s in sizes]
     autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
@@ -136,6 +135,7 @@ def benchmark_step(args):
     elapsed = time.time() - start
     return dict(mode="step", method=args.method, arch=args.arch, recipe=args.recipe, views=views.describe(recipe),
                 batch_size=args.batch_size, amp=amp, steps=args.steps, threads=torch.get_num_threads(),
+                memory_format=str(fmt).split(".")[-1],
                 device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 img_per_s=round(args.steps * args.batch_size / elapsed, 1),
                 peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
@@ -196,6 +196,8 @@ if __name__ == "__main__":
     parser.add_argument("--local-crops", type=int, default=None, help="6 for CNNs, 10 for ViT-Tiny in the paper")
     parser.add_argument("--amp", default="bf16", choices=["bf16", "fp16", "off"], help="bf16 means off on the CPU")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--memory-format", default="auto", choices=["auto", "channels_last", "contiguous"],
+                        help="step mode: auto = backbones.memory_format (what the scripts use)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps / batches")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps / batches first")
     parser.add_argument("--data", default="synthetic", help="data mode: " + views.DATA_HELP)

@@ -50,7 +50,8 @@ def main(args):
             out = os.path.join(args.output_dir, f"{method}-{arch}-{recipe}")
             checkpoint = os.path.join(out, "checkpoint.pth")
             pretrain = launcher(args.nproc) + [
-                os.path.join(ROOT, SCRIPTS[method]), "--arch", arch, "--recipe", recipe, "--data", os.path.join(args.data, "train"),
+                os.path.join(ROOT, SCRIPTS[method]), "--arch", arch, "--recipe", recipe,
+                "--data", os.path.join(args.data, "train"),
                 "--output-dir", out, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                 "--global-size", str(args.global_size), *workers, *args.extra]
             seconds = run(pretrain, args.dry_run)
@@ -59,9 +60,10 @@ def main(args):
                 result_path = os.path.join(out, f"{mode}.json")
                 if not os.path.exists(result_path):
                     evaluate = launcher(args.nproc) + [
-                        os.path.join(ROOT, "linear_eval.py"), "--mode", mode, "--arch", arch, "--checkpoint", checkpoint,
+                        os.path.join(ROOT, "linear_eval.py"), "--mode", mode, "--arch", arch,
+                        "--checkpoint", checkpoint,
                         "--data", args.data, "--global-size", str(args.global_size), *workers,
-                        "--output-dir", out, "--output", result_path, "--batch-size", str(args.batch_size)]
+                        "--output", result_path, "--batch-size", str(args.batch_size)]
                     run(evaluate + (["--epochs", str(epochs)] if epochs else []), args.dry_run)
                 if os.path.exists(result_path):
                     with open(result_path) as f:

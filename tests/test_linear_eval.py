@@ -1,16 +1,38 @@
-"""Tests of linear_eval.py: probe training, frozen backbone, kNN by hand, checkpoint loading,
-label subsets, fine-tuning. Tiny data, 32 px images, CPU; a few seconds in all."""
+"""Tests of linear_eval.py: probe training, frozen backbone, kNN by hand, checkpoint loading, label subsets,
+fine-tuning, the command line. Tiny data, 32 px images, CPU."""
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 import backbones
 import linear_eval as le
-import training
+import views
+from conftest import ROOT, TinyBackbone, assert_ranks_identical, make_image_folder, run_torchrun, subprocess_env
+from views import UserError
 
-CPU_RUN = training.Run(rank=0, world=1, device=torch.device("cpu"))
+CPU = torch.device("cpu")
+AMP_OFF = torch.autocast("cpu", enabled=False)
+
+
+def uint8_images(n, size=32, seed=0):
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def eval_folder(root, n_train=4, n_val=2):
+    """root/train and root/val image folders of 2 classes."""
+    make_image_folder(root / "train", n_per_class=n_train)
+    make_image_folder(root / "val", n_per_class=n_val)
+    return str(root)
+
+
+def cli(*flags):
+    return ["--global-size", "32", "--workers", "0", "--batch-size", "4", *flags]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,7 +56,7 @@ def test_probe_optimizer_follows_the_paper():
     linear = le.new_linear(512, 10)
     assert abs(linear.weight.std().item() - 0.01) < 1e-3 and linear.bias.abs().sum() == 0
     lars = le.probe_optimizer(linear, is_vit=False, lr=0.8)
-    assert isinstance(lars, training.LARS)
+    assert isinstance(lars, le.LARS)
     (weights,), (bias,) = [g["params"] for g in lars.param_groups]
     assert weights is linear.weight and bias is linear.bias
     assert [g["lars_exclude"] for g in lars.param_groups] == [False, True]
@@ -48,30 +70,63 @@ def test_linear_probe_leaves_backbone_bit_identical():
     backbone = backbones.build_backbone("resnet18")
     backbone.train()  # the probe itself must switch it to eval (BN running stats)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 3
-    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    loader = le.train_loader_for(TensorDataset(uint8_images(8), torch.arange(8) % 3), 4, 0, CPU, 0, 1, seed=0)
+    val_features, val_labels = torch.randn(6, 512), torch.arange(6) % 3
     torch.manual_seed(1)
     initial = le.new_linear(512, 3).weight.detach().clone()
     torch.manual_seed(1)  # the probe's Linear gets the same init
-    linear, history = le.train_linear_probe(backbone, loader, loader, 3, epochs=1, lr=0.5, run=CPU_RUN)
+    linear, history = le.train_linear_probe(backbone, loader, val_features, val_labels, 3, 1, 0.5, CPU, 1, AMP_OFF,
+                                            torch.amp.GradScaler("cpu", enabled=False), torch.contiguous_format)
     after = backbone.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, f"backbone tensors changed: {changed[:5]}"
     assert not any(p.requires_grad for p in backbone.parameters())
     assert not torch.equal(linear.weight.detach(), initial), "the classifier did not train"
-    assert len(history) == 1 and math.isfinite(history[0]["loss"]) and 0 <= history[0]["top1"] <= 100
+    assert [h["epoch"] for h in history] == [1] and math.isfinite(history[0]["loss"])  # epochs count from 1
+    assert history[0]["top1"] == le.accuracy(linear, val_features, val_labels)[0]
 
 
-def test_extract_features_restores_mode_and_uses_eval():
+def test_features_in_eval_mode_restore_the_mode():
     torch.manual_seed(0)
     backbone = backbones.build_backbone("resnet18").train()
-    images = torch.randn(6, 3, 32, 32)
-    features, labels = le.extract_features(backbone, DataLoader(TensorDataset(images, torch.arange(6)), batch_size=4), "cpu")
+    images = uint8_images(6)
+    features, labels = le.features_in_eval_mode(backbone, backbone, TensorDataset(images, torch.arange(6)), 4, 0, CPU,
+                                                0, 1, AMP_OFF, torch.contiguous_format)
     assert backbone.training
     with torch.no_grad():
-        expected = backbone.eval()(images)
+        expected = backbone.eval()(views.normalize(images, CPU))
     assert features.shape == (6, 512) and torch.allclose(features, expected, atol=1e-5)
     assert labels.tolist() == list(range(6))
+
+
+def test_extract_features_with_an_empty_shard(monkeypatch):
+    # 1 image, 2 processes: rank 1 gets no image (issue 13). Each rank's all_gather_cat is simulated with what the
+    # other rank sends: rank 0 runs first and records its tensors, rank 1 receives them.
+    torch.manual_seed(0)
+    backbone = TinyBackbone().eval()
+    dataset = TensorDataset(uint8_images(1), torch.tensor([3]))
+    sent = []
+    monkeypatch.setattr(le, "all_gather_cat", lambda t: (sent.append(t), torch.cat([t, torch.zeros_like(t)]))[1])
+    on_rank0 = le.extract_features(backbone, dataset, 4, 0, CPU, 0, 2, AMP_OFF)
+    monkeypatch.setattr(le, "all_gather_cat", lambda t: torch.cat([sent.pop(0), t]))
+    on_rank1 = le.extract_features(backbone, dataset, 4, 0, CPU, 1, 2, AMP_OFF)
+    with torch.no_grad():
+        expected = backbone(views.normalize(dataset.tensors[0], CPU))
+    for features, labels in (on_rank0, on_rank1):
+        assert torch.allclose(features, expected) and labels.tolist() == [3]
+
+
+def test_torchrun_two_processes_one_val_image(tmp_path):
+    # Real gloo processes: the DDP probe ends identical on both ranks, and the val set of 1 image leaves
+    # rank 1 with an empty shard.
+    data = eval_folder(tmp_path / "data", n_train=2, n_val=1)
+    os.remove(os.path.join(data, "val", "b", "000.png"))
+    ranks, _ = run_torchrun("linear_eval", tmp_path / "state",
+                            cli("--checkpoint", "none", "--data", data, "--epochs", "1", "--batch-size", "2",
+                                "--output", str(tmp_path / "result.json")))
+    assert_ranks_identical(ranks, ("classifier",))
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == 2 and result["val_images"] == 1 and result["history"][0]["epoch"] == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,7 +157,7 @@ def test_knn_top5_by_hand():
     labels = torch.tensor([0, 4, 5])  # top-1 and top-5 hit / top-5 only / neither
     expected = (100.0 / 3, 200.0 / 3)
     for chunk in (1, 512):
-        top1, top5 = le.knn_classify(bank, torch.arange(7), queries, labels, 7, k=5, temperature=0.07, chunk_size=chunk)
+        top1, top5 = le.knn_classify(bank, torch.arange(7), queries, labels, 7, k=5, temperature=0.07, chunk=chunk)
         assert top1 == pytest.approx(expected[0]) and top5 == pytest.approx(expected[1])
     # k=6: class 5 (100 degrees) votes too but has the 6th largest score, so top-5 stays 0..4
     assert le.knn_classify(bank, torch.arange(7), queries, labels, 7, k=6) == pytest.approx(expected)
@@ -114,7 +169,7 @@ def test_knn_top5_by_hand():
     assert (one(0), one(4), one(5), one(3)) == ((100.0, 100.0), (0.0, 0.0), (0.0, 100.0), (0.0, 100.0))
 
 
-def test_knn_monitor_on_an_image_folder(tmp_path):
+def test_knn_on_an_image_folder(tmp_path):
     from PIL import Image
     for split in ("train", "val"):
         for name, colour in (("red", (220, 20, 20)), ("blue", (20, 20, 220))):
@@ -123,8 +178,8 @@ def test_knn_monitor_on_an_image_folder(tmp_path):
                 shade = tuple(min(255, c + 10 * i) for c in colour)
                 Image.new("RGB", (40, 40), shade).save(tmp_path / split / name / f"{i}.png")
     mean_colour = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).train()
-    run = training.Run(rank=0, world=1, device=torch.device("cpu"))
-    result = le.knn_monitor(mean_colour, str(tmp_path), 32, run, batch_size=4, k=3)
+    bank_set, val_set = views.build_eval_datasets(str(tmp_path), views.eval_transform(32))
+    result = le.knn_monitor(mean_colour, bank_set, val_set, 4, 0, CPU, 0, 1, AMP_OFF)
     assert result == {"knn_top1": 100.0, "knn_top5": 100.0}  # 2 classes: top-5 is top-2
     assert mean_colour.training
     # the same bank with swapped val labels: every prediction is wrong
@@ -133,7 +188,7 @@ def test_knn_monitor_on_an_image_folder(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint loading
+# Checkpoint loading (the pre-training scripts' format: method, config with the arch, the networks)
 # ----------------------------------------------------------------------------------------------
 
 def _states(arch, seeds):
@@ -146,6 +201,15 @@ def _states(arch, seeds):
 
 def _prefixed(state, prefix):
     return {prefix + k: v for k, v in state.items()}
+
+
+def _saved(method, arch, **networks):
+    return dict(method=method, config=dict(arch=arch, epochs=1), epoch=1, history=[], **networks)
+
+
+def _load(path, arch="resnet18", key="teacher"):
+    state, info = le.read_checkpoint(str(path), key)
+    return le.backbone_from(state, info, arch), info
 
 
 def _assert_loaded(backbone, state):
@@ -162,49 +226,55 @@ def test_load_all_checkpoint_formats(tmp_path, r18):
     student, teacher = r18
     head = {"head.mlp.0.weight": torch.randn(2048, 512), "head.last_layer.weight_g": torch.ones(4096, 1)}
     formats = {
-        "dino": {"method": "dino", "settings": {"arch": "resnet18"},
-                 "student": {**_prefixed(student, "backbone."), **head}, "teacher": {**_prefixed(teacher, "backbone."), **head}},
-        "moco": {"method": "moco", "settings": {"arch": "resnet18"},  # saved from a DDP-wrapped model
-                 "query_encoder": {**_prefixed(student, "module.backbone."), "module.head.0.weight": torch.randn(3, 3)}},
-        "swav": {"method": "swav", "settings": {"arch": "resnet18"},
-                 "model": {**_prefixed(student, "backbone."), "projection.0.weight": torch.randn(3, 3),
-                           "prototypes.weight": torch.randn(3, 3)}},
+        "dino": _saved("dino", "resnet18", student={**_prefixed(student, "backbone."), **head},
+                       teacher={**_prefixed(teacher, "backbone."), **head}),
+        "moco": _saved("moco", "resnet18", key_encoder={}, query_encoder={  # also one saved from a DDP wrapper
+            **_prefixed(student, "module.backbone."), "module.head.0.weight": torch.randn(3, 3)}),
+        "swav": _saved("swav", "resnet18", model={**_prefixed(student, "backbone."),
+                                                  "projection.0.weight": torch.randn(3, 3),
+                                                  "prototypes.weight": torch.randn(3, 3)}),
         "exported": student,
     }
     for name, checkpoint in formats.items():
         torch.save(checkpoint, tmp_path / f"{name}.pth")
-    backbone, info = le.load_backbone(str(tmp_path / "dino.pth"), "resnet18")
+    backbone, info = _load(tmp_path / "dino.pth")
     _assert_loaded(backbone, teacher)  # teacher by default, as official DINO
-    assert info["method"] == "dino" and "mlp.0.weight" in info["head"]
-    backbone, _ = le.load_backbone(str(tmp_path / "dino.pth"), "resnet18", checkpoint_key="student")
+    assert (info["method"], info["arch"], info["key"]) == ("dino", "resnet18", "teacher")
+    assert "mlp.0.weight" in info["head"]
+    backbone, _ = _load(tmp_path / "dino.pth", key="student")
     _assert_loaded(backbone, student)
     for name in ("moco", "swav", "exported"):
-        backbone, info = le.load_backbone(str(tmp_path / f"{name}.pth"), "resnet18")
+        backbone, info = _load(tmp_path / f"{name}.pth")
         _assert_loaded(backbone, student)
         assert info["method"] == name and info["head"] is None
+    # the arch defaults to the one in the checkpoint's config; --arch wins; resnet18 without either
+    resolve = lambda flags, arch: le.resolve_config(le.get_args_parser().parse_args(flags), 1, arch).arch
+    assert resolve(["--checkpoint", "x"], "resnet34") == "resnet34"
+    assert resolve(["--checkpoint", "x", "--arch", "mobilenet_v2"], "resnet34") == "mobilenet_v2"
+    assert resolve(["--checkpoint", "none"], None) == "resnet18"
 
 
 def test_load_errors_name_what_does_not_fit(tmp_path, r18):
     (r34,) = _states("resnet34", [0])
-    torch.save({"method": "moco", "settings": {"arch": "resnet34"}, "query_encoder": _prefixed(r34, "backbone.")},
-               tmp_path / "moco34.pth")
-    with pytest.raises(le.CheckpointError, match=r"pass --arch resnet34") as error:
-        le.load_backbone(str(tmp_path / "moco34.pth"), "resnet18")
+    torch.save(_saved("moco", "resnet34", query_encoder=_prefixed(r34, "backbone.")), tmp_path / "moco34.pth")
+    with pytest.raises(UserError, match=r"pass --arch resnet34") as error:
+        _load(tmp_path / "moco34.pth")
     assert "unexpected layer1.2" in str(error.value)
-    torch.save(r34, tmp_path / "r34.pth")  # exported: no settings, so every arch is tried
-    with pytest.raises(le.CheckpointError, match=r"fits --arch resnet34"):
-        le.load_backbone(str(tmp_path / "r34.pth"), "resnet18")
+    torch.save(r34, tmp_path / "r34.pth")  # exported: no config, so every arch is tried
+    with pytest.raises(UserError, match=r"fits --arch resnet34"):
+        _load(tmp_path / "r34.pth")
     shrunk = dict(r18[0], **{"conv1.weight": torch.zeros(64, 3, 3, 3)})
     torch.save(shrunk, tmp_path / "shape.pth")
-    with pytest.raises(le.CheckpointError, match=r"wrong shape conv1.weight \(64, 3, 3, 3\) vs \(64, 3, 7, 7\)"):
-        le.load_backbone(str(tmp_path / "shape.pth"), "resnet18")
-    torch.save({"method": "dino", "settings": {"arch": "resnet18"}, "student": _prefixed(r18[0], "backbone.")},
-               tmp_path / "no_teacher.pth")
-    with pytest.raises(le.CheckpointError, match=r"without 'teacher'"):
-        le.load_backbone(str(tmp_path / "no_teacher.pth"), "resnet18")
+    with pytest.raises(UserError, match=r"wrong shape conv1.weight \(64, 3, 3, 3\) vs \(64, 3, 7, 7\)"):
+        _load(tmp_path / "shape.pth")
+    torch.save(_saved("dino", "resnet18", student=_prefixed(r18[0], "backbone.")), tmp_path / "no_teacher.pth")
+    with pytest.raises(UserError, match=r"without 'teacher'"):
+        _load(tmp_path / "no_teacher.pth")
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(le.CheckpointError, match=r"cannot read"):
-        le.load_backbone(str(tmp_path / "garbage.pth"), "resnet18")
+    with pytest.raises(UserError, match=r"cannot read"):
+        _load(tmp_path / "garbage.pth")
+    with pytest.raises(UserError, match=r"no such file"):
+        _load(tmp_path / "missing.pth")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +282,8 @@ def test_load_errors_name_what_does_not_fit(tmp_path, r18):
 # ----------------------------------------------------------------------------------------------
 
 def test_balanced_subset_is_deterministic_and_balanced():
-    labels = torch.tensor([0] * 100 + [1] * 50 + [2] * 3)[torch.randperm(153, generator=torch.Generator().manual_seed(0))]
+    order = torch.randperm(153, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0] * 100 + [1] * 50 + [2] * 3)[order]
     subset = le.balanced_subset(labels, 0.1, seed=0)
     assert subset == le.balanced_subset(labels, 0.1, seed=0)
     assert subset != le.balanced_subset(labels, 0.1, seed=1)
@@ -243,9 +314,65 @@ def test_finetune_head_from_dino_and_loss_decreases():
     assert "random" in le.init_head_from_dino(model, vit_head)
     assert "random" in le.init_head_from_dino(model, None)
 
-    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8) % 4
+    images, labels = views.normalize(uint8_images(8), CPU), torch.arange(8) % 4
     optimizer = le.finetune_optimizer(model, lr=0.01)
     assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["momentum"] == 0.9
     model.train()
-    losses = [le.train_step(model, optimizer, images, labels, CPU_RUN).item() for _ in range(4)]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    losses = [le.train_step(model, optimizer, images, labels, AMP_OFF, scaler).item() for _ in range(4)]
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: channels_last, where the results go, user errors
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["knn", "linear", "finetune"])
+def test_cnn_weights_are_channels_last_on_cuda(tmp_path, monkeypatch, mode):
+    # The CUDA branch of backbones.memory_format, forced on this CPU: the backbone (and the crops) follow it.
+    cuda_format = backbones.memory_format
+    monkeypatch.setattr(backbones, "memory_format", lambda arch, device: cuda_format(arch, "cuda"))
+    data = eval_folder(tmp_path / "data", n_train=2, n_val=1)
+    out = le.main(cli("--mode", mode, "--checkpoint", "none", "--data", data, "--epochs", "1",
+                      "--label-fraction", "0.5", "--output", str(tmp_path / "result.json")))
+    assert out["backbone"].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not out["backbone"].conv1.weight.is_contiguous()
+    if mode != "knn":  # epochs count from 1 in the results
+        assert [h["epoch"] for h in json.loads((tmp_path / "result.json").read_text())["history"]] == [1]
+
+
+def test_results_go_beside_each_checkpoint(tmp_path, monkeypatch, r18):
+    output = le.default_output
+    assert output("runs/dino-resnet18/checkpoint.pth", "resnet18", "knn") == "runs/dino-resnet18/eval-knn.json"
+    assert output("exported/r18.pth", "resnet18", "linear") == "exported/r18.eval-linear.json"
+    assert output("none", "resnet34", "linear") == "runs/eval-random-resnet34/eval-linear.json"
+    assert output("a/checkpoint.pth", "resnet18", "knn", "student") == "a/eval-knn-student.json"
+    assert output("a/checkpoint.pth", "resnet18", "finetune", label_fraction=0.1) == "a/eval-finetune-10pct.json"
+    monkeypatch.chdir(tmp_path)
+    data = eval_folder(tmp_path / "data", n_train=2, n_val=1)
+    os.makedirs("run1"), os.makedirs("run2")
+    torch.save(_saved("dino", "resnet18", teacher=_prefixed(r18[0], "backbone.")), "run1/checkpoint.pth")
+    torch.save(_saved("dino", "resnet18", teacher=_prefixed(r18[1], "backbone.")), "run2/checkpoint.pth")
+    for checkpoint in ("run1/checkpoint.pth", "run2/checkpoint.pth", "none"):
+        le.main(cli("--mode", "knn", "--checkpoint", checkpoint, "--data", data))
+    for path, checkpoint in (("run1/eval-knn.json", "run1/checkpoint.pth"),
+                             ("run2/eval-knn.json", "run2/checkpoint.pth"),
+                             ("runs/eval-random-resnet18/eval-knn.json", "none")):
+        assert json.loads((tmp_path / path).read_text())["checkpoint"] == checkpoint
+
+
+def test_user_errors(tmp_path):
+    data = eval_folder(tmp_path / "data", n_train=1, n_val=1)
+    for flags, message in ((["--epochs", "0"], "--epochs must be >= 1"),
+                           (["--lr", "0"], "--lr and --knn-t must be > 0"),
+                           (["--arch", "vit_tiny", "--global-size", "40"], "multiple of 16"),
+                           (["--data", str(tmp_path)], "no train/ folder")):
+        with pytest.raises(UserError, match=message):
+            le.main(cli("--checkpoint", "none", "--data", data, *flags))
+    # from the shell: one line on stderr, exit code 2, no traceback
+    missing = subprocess.run([sys.executable, os.path.join(ROOT, "linear_eval.py"), "--checkpoint",
+                              str(tmp_path / "missing.pth")], cwd=tmp_path, env=subprocess_env(),
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines() == [f"error: --checkpoint {tmp_path / 'missing.pth'}: no such file "
+                                                   "(or none for a random-init backbone)"]
