@@ -1,58 +1,145 @@
 """SwAV pre-training with the paper's view sampling (SSLight, Tan, Saleh, Martinez, ICLR 2023).
 
-    python swav.py                                   # CPU/GPU demo on the built-in synthetic shapes
+    python swav.py                                              # the CPU demo on the built-in synthetic set
     python swav.py --arch mobilenet_v2 --data /path/imagenet/train
     torchrun --nproc_per_node=8 swav.py --data /path/imagenet/train     # the paper: 8 x 128 images
 
-One network (backbone + projection head + prototypes) sees every crop. The two global crops get
-codes: Sinkhorn-Knopp spreads the batch (plus a queue of past embeddings) evenly over K = 3000
-prototypes, and every other crop must predict them ("swapped prediction"). There is no teacher
-and no EMA. SSLight changes only the crops and the loss weights (views.py); every number below
-is the paper's (spec §1.3, §2.0, §2.3) unless a flag overrides it.
-Output: <output-dir>/{args.json, log.jsonl, checkpoint.pth}; the checkpoint holds every rank's queue.
+One network (backbone + projection head + prototypes) sees every crop. The 2 global crops get codes:
+Sinkhorn-Knopp spreads the batch (plus a queue of past embeddings) evenly over K = 3000 prototypes, and
+every other crop must predict them ("swapped prediction"). There is no teacher and no EMA. SSLight changes
+only the crops and the loss weights (views.py); every default below is the paper's (SSLight's
+exp_yamls/swav, src/sslight/model/swav.py) unless noted.
+Output: <output-dir>/{args.json, log.jsonl, checkpoint.pth, checkpoint.pth.prev}; a rerun resumes. The
+checkpoint holds every process's queue.
 """
 import argparse
+import atexit
 import json
+import math
+import os
+import socket
+import sys
+import time
+import types
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
-import training
-from backbones import build_backbone, multicrop_features
-from views import MultiCropTransform, describe
+import backbones
+import views
+from views import UserError
+
+PAPER_EPOCHS = 200
+# The paper's warm-ups, in epochs of its 200-epoch run (SSLight's swav_cnn_*.yaml). Left unset, a shorter
+# run keeps the same fraction of its length: 5 %, 7.5 % and 0.5 %.
+PAPER_WARMUPS = dict(warmup_epochs=10, epoch_queue_starts=15, freeze_prototypes_epochs=1)
+# Settings of this machine and command, never taken from a checkpoint.
+THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export"}
+# Settings a resumed run may change when typed again; every other one is compared with the checkpoint's.
+RESUMABLE = THIS_RUN | {"eval_data", "eval_every", "epochs"}
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("SwAV pre-training (SSLight recipes)", add_help=True,
+    parser = argparse.ArgumentParser("SwAV pre-training (SSLight recipes)",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    training.add_common_args(parser, "swav", default_arch="mobilenet_v2")  # the paper's only SwAV arch
-    m = parser.add_argument_group("SwAV head, codes and queue (spec §2.3)")
+    r = parser.add_argument_group("run")
+    r.add_argument("--arch", default="mobilenet_v2", choices=backbones.ARCHS, help="the paper's SwAV: mobilenet_v2")
+    r.add_argument("--data", default="synthetic", help=views.DATA_HELP)
+    r.add_argument("--output-dir", default=None, help="default runs/swav-<arch>; a rerun resumes from its checkpoint")
+    r.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help="paper 200. More on a finished run extends it")
+    r.add_argument("--batch-size", type=int, default=128, help="per process; paper 128 x 8 GPUs = 1024")
+    r.add_argument("--workers", type=int, default=8, help="loader processes per GPU (decoding is the usual limit)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="autocast: auto = bf16 on GPUs of compute capability >= 8.0, fp16 (+ GradScaler) below, "
+                        "off on the CPU; the paper trained in fp32. Sinkhorn and the loss stay fp32")
+    r.add_argument("--log-every", type=int, default=20, help="steps between progress updates (each is one host sync)")
+    r.add_argument("--export", default=None, metavar="PATH",
+                   help="write the backbone's state_dict (torchvision's format for CNNs) to PATH at the end; "
+                        "on a finished run only --output-dir is needed")
+    r.add_argument("--eval-data", default=None, help="kNN monitor (k 20, T 0.07): a root with train/ and val/ "
+                                                     "image folders, cifar10, or synthetic; epoch 0 = untrained")
+    r.add_argument("--eval-every", type=int, default=1, help="epochs between kNN evaluations (and the last one)")
+    views.add_view_args(parser)
+    m = parser.add_argument_group("SwAV head, codes and queue (None = the paper's value, scaled to the run)")
     m.add_argument("--hidden-dim", type=int, default=4096, help="projection MLP width (official SwAV: 2048)")
     m.add_argument("--feat-dim", type=int, default=128, help="L2-normalised embedding fed to the prototypes")
     m.add_argument("--num-prototypes", type=int, default=3000,
-                   help="K. A loss stuck at ln(K) (8.006 for 3000) means collapse: try --epsilon 0.03, "
-                        "a longer --freeze-prototypes-epochs, or softer augmentation")
+                   help="K. A loss stuck at ln K (8.006 for 3000) is collapse: see the 'collapse:' log line")
     m.add_argument("--temperature", type=float, default=0.1, help="of the softmax that predicts the codes")
     m.add_argument("--epsilon", type=float, default=0.05,
                    help="Sinkhorn entropy regularisation; SwAV's authors advise 0.03 against collapse")
     m.add_argument("--sinkhorn-iterations", type=int, default=3, help="3 already give near-equal prototype masses")
-    m.add_argument("--freeze-prototypes-epochs", type=int, default=1,
-                   help="epochs (not iterations) during which the prototypes get no update")
+    m.add_argument("--freeze-prototypes-epochs", type=float, default=None,
+                   help="the prototypes get no update for this many epochs (counted in iterations, so a fraction "
+                        "works): the paper's 1 of 200 epochs, the same 0.5%% of a shorter run")
     m.add_argument("--queue-length", type=int, default=3840,
-                   help="embeddings per assigned crop over all GPUs, trimmed to a multiple of the global batch "
-                        "(3072 at 1024); 0 = no queue. Official SwAV uses one below a global batch of 256. If the loss rises "
-                        "when the queue starts, start it later or shorten it")
-    m.add_argument("--epoch-queue-starts", type=int, default=15, help="epoch at which the queue is created")
-    o = parser.add_argument_group("optimisation (spec §2.0, §2.3: LARS, no EMA, no clipping)")
-    o.add_argument("--lr", type=float, default=0.3,
-                   help="base lr per 256 images (peak = lr * global batch / 256: 1.2 at 1024)")
-    o.add_argument("--start-warmup", type=float, default=0.075, help="lr at iteration 0 (absolute, not scaled; capped at the peak lr)")
+                   help="embeddings per global crop over all processes, trimmed to a multiple of the global batch "
+                        "(3072 at 1024); 0 = no queue. Official SwAV uses one below a global batch of 256. If the "
+                        "loss rises when the queue starts, start it later or shorten it")
+    m.add_argument("--epoch-queue-starts", type=float, default=None,
+                   help="the queue is created after this many epochs (a fraction works) and used once full: the "
+                        "paper's 15 of 200 epochs, the same 7.5%% of a shorter run")
+    o = parser.add_argument_group("optimisation (the paper: LARS, constant weight decay, no clipping, no EMA)")
+    o.add_argument("--lr", type=float, default=0.3, help="base lr per 256 images (peak = lr * global batch / 256: "
+                                                        "1.2 at 1024)")
+    o.add_argument("--start-warmup", type=float, default=0.075,
+                   help="lr at iteration 0, absolute (not scaled). Below a global batch of 64 it is above the peak "
+                        "and the warm-up starts at the peak instead (a departure from the paper, logged)")
     o.add_argument("--min-lr", type=float, default=0.0048, help="end of the cosine (absolute)")
-    o.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up from --start-warmup")
+    o.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear lr warm-up from --start-warmup: the paper's 10 of 200 epochs, 5%% of a shorter run")
     o.add_argument("--weight-decay", type=float, default=1e-6, help="constant")
     return parser
+
+
+def resolve_config(args, given, world_size, saved=None):
+    """The run's whole configuration, once: flags + the paper's warm-ups scaled to the run + the view
+    recipe. On a resume it is the checkpoint's, with the flags typed now checked against it."""
+    if saved is not None:
+        plain = lambda v: tuple(v) if isinstance(v, list) else v
+        changed = {k: (saved[k], getattr(args, k)) for k in sorted(given - RESUMABLE)
+                   if plain(getattr(args, k)) != plain(saved[k])}
+        if saved["world_size"] != world_size:
+            changed["processes"] = (saved["world_size"], world_size)
+        if changed:
+            flags = ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items())
+            raise UserError("this run was trained with other settings; use another --output-dir or the same flags: "
+                            + flags)
+        config = dict(saved, **{k: getattr(args, k) for k in THIS_RUN | (given & RESUMABLE)})
+        return types.SimpleNamespace(**config)
+    config = dict(vars(args), world_size=world_size)
+    short = min(1.0, args.epochs / PAPER_EPOCHS)  # warm-ups keep the fraction of the run they have in the paper
+    for name, paper_epochs in PAPER_WARMUPS.items():
+        if config[name] is None:
+            config[name] = paper_epochs * short
+    recipe = views.get_recipe("swav", args.recipe, backbones.is_vit(args.arch), global_size=args.global_size,
+                              local_size=args.local_size, local_crops=args.local_crops, global_scale=args.global_scale,
+                              local_scale=args.local_scale, loss_weights=args.loss_weights)
+    config.update(global_size=recipe.global_size, local_size=recipe.local_size, local_crops=recipe.local_crops,
+                  global_scale=recipe.global_scale, local_scale=recipe.local_scale, loss_weights=recipe.alpha_beta)
+    if backbones.is_vit(args.arch) and (recipe.global_size % 16 or recipe.local_crops and recipe.local_size % 16):
+        raise UserError(f"{args.arch} needs crops in multiples of its 16 px patches, not {recipe.global_size} / "
+                        f"{recipe.local_size} px: use --global-size 224 or 112 (locals 128 / 64), or set --local-size")
+    for name in ("epochs", "batch_size", "hidden_dim", "feat_dim", "num_prototypes", "sinkhorn_iterations",
+                 "log_every", "eval_every"):
+        if config[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {config[name]}")
+    for name in ("queue_length", "epoch_queue_starts", "freeze_prototypes_epochs", "warmup_epochs", "start_warmup",
+                 "min_lr", "weight_decay"):
+        if config[name] < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, not {config[name]}")
+    if config["lr"] <= 0 or config["temperature"] <= 0 or config["epsilon"] <= 0:
+        raise UserError("--lr, --temperature and --epsilon must be > 0")
+    global_batch = args.batch_size * world_size
+    if 0 < args.queue_length < global_batch:
+        raise UserError(f"--queue-length {args.queue_length} holds less than one global batch ({args.batch_size} x "
+                        f"{world_size} = {global_batch}): use 0 (no queue) or at least {global_batch}")
+    return types.SimpleNamespace(**config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -60,10 +147,10 @@ def get_args_parser():
 # ----------------------------------------------------------------------------------------------
 
 class SwAVNet(nn.Module):
-    """backbone -> Linear(feat, 4096) -> BN -> ReLU -> Linear(4096, 128) -> L2-normalise ->
-    prototypes Linear(128, K, no bias) (spec §2.3). forward returns (embeddings, scores), both
-    view-major: rows [v * B, (v + 1) * B) belong to view v. The submodule names are the checkpoint
-    contract with linear_eval.py ("backbone.*")."""
+    """backbone -> Linear(feat, 4096) -> BN -> ReLU -> Linear(4096, 128) -> L2-normalise -> prototypes
+    Linear(128, K, no bias) (SSLight's src/sslight/model/swav.py). forward returns (embeddings, scores), both
+    view-major: rows [v * B, (v + 1) * B) belong to view v. The submodule names are the checkpoint contract
+    with linear_eval.py ("backbone.*")."""
 
     def __init__(self, backbone, hidden_dim=4096, feat_dim=128, num_prototypes=3000):
         super().__init__()
@@ -71,7 +158,7 @@ class SwAVNet(nn.Module):
         self.projection = nn.Sequential(nn.Linear(backbone.feat_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
                                         nn.ReLU(inplace=True), nn.Linear(hidden_dim, feat_dim))
         self.prototypes = nn.Linear(feat_dim, num_prototypes, bias=False)
-        # The paper re-initialises the whole module (spec §2.3); a ViT keeps its own init.
+        # The paper re-initialises the whole module, backbone included; a ViT keeps its own init.
         for m in (self.modules() if not getattr(backbone, "is_vit", False) else [*self.projection, self.prototypes]):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -85,17 +172,17 @@ class SwAVNet(nn.Module):
 
     @torch.no_grad()
     def normalize_prototypes(self):
-        """Every prototype back on the unit sphere, so scores are cosines (spec §2.3)."""
+        """Every prototype back on the unit sphere, so that the scores are cosines (official SwAV main_swav.py)."""
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def forward(self, crops):
-        # Backbone once per resolution group, head once on everything (spec §2.0).
-        embeddings = F.normalize(self.projection(multicrop_features(self.backbone, crops)), dim=1)
+        # The backbone once per resolution group, the head once on everything (official SwAV's multi-res forward).
+        embeddings = F.normalize(self.projection(backbones.multicrop_features(self.backbone, crops)), dim=1)
         return embeddings, self.prototypes(embeddings)
 
 
-def build_swav_net(args):
-    return SwAVNet(build_backbone(args.arch), args.hidden_dim, args.feat_dim, args.num_prototypes)
+def build_swav_net(arch, hidden_dim=4096, feat_dim=128, num_prototypes=3000):
+    return SwAVNet(backbones.build_backbone(arch), hidden_dim, feat_dim, num_prototypes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -104,20 +191,20 @@ def build_swav_net(args):
 
 @torch.no_grad()
 def sinkhorn(scores, epsilon=0.05, iterations=3):
-    """(B_local, K) prototype scores -> (B_local, K) codes: each row (sample) sums to 1, each
-    prototype gets about B/K of the mass, B = B_local x world size (spec §2.3, official_repos §1.3).
-    Always float32: exp(1 / 0.05) = 4.9e8 overflows fp16. Each prototype's max score over all
-    ranks is subtracted first: the first per-prototype normalisation cancels any per-prototype
-    factor exactly, and no prototype's mass can then overflow or be 0, even with a smaller epsilon."""
+    """(B_local, K) prototype scores -> (B_local, K) codes: each row (sample) sums to 1, each prototype gets
+    about B/K of the mass, B = B_local x processes (official SwAV main_swav.py distributed_sinkhorn).
+    Always float32: exp(1 / 0.05) = 4.9e8 overflows fp16. Each prototype's max score over all processes is
+    subtracted first: the first per-prototype normalisation cancels any per-prototype factor exactly, and no
+    prototype's mass can then overflow or be 0, even with a smaller epsilon."""
     scores = scores.float()
-    shift = scores.max(dim=0).values  # (K,): per prototype, the same on every rank
-    if training.distributed():
+    shift = scores.max(dim=0).values  # (K,): per prototype, the same on every process
+    if is_distributed():
         dist.all_reduce(shift, op=dist.ReduceOp.MAX)
     Q = torch.exp((scores - shift) / epsilon).t()  # K x B_local
-    K, B = Q.shape[0], Q.shape[1] * (dist.get_world_size() if training.distributed() else 1)
-    Q /= training.all_reduce_sum(Q.sum())
+    K, B = Q.shape[0], Q.shape[1] * (dist.get_world_size() if is_distributed() else 1)
+    Q /= all_reduce_sum(Q.sum())
     for _ in range(iterations):
-        Q /= training.all_reduce_sum(Q.sum(dim=1, keepdim=True))  # each prototype: total mass 1/K
+        Q /= all_reduce_sum(Q.sum(dim=1, keepdim=True))  # each prototype: total mass 1/K
         Q /= K
         Q /= Q.sum(dim=0, keepdim=True)  # each sample: mass 1/B (samples are local, no reduce)
         Q /= B
@@ -125,20 +212,23 @@ def sinkhorn(scores, epsilon=0.05, iterations=3):
 
 
 class EmbeddingQueue(nn.Module):
-    """This rank's FIFO of the last `rows` normalised embeddings of g1 and g2 (2 x rows x D).
-    It lives outside DDP: each rank keeps its own, and Sinkhorn's all-reduces combine them."""
+    """This process's FIFO of the last `rows` normalised embeddings of g1 and g2 (2 x rows x D). It lives
+    outside DDP: each process keeps its own, and Sinkhorn's all-reduces combine them. How full it is is
+    counted on the host, so checking it costs no device sync."""
 
     def __init__(self, rows, dim):
         super().__init__()
         self.register_buffer("embeddings", torch.zeros(2, rows, dim))
-        self.active = False
+        self.filled = 0
 
-    def ready(self):
-        """Full = its last row is non-zero (a normalised embedding never is). One host sync per
-        step until then, none after."""
-        if not self.active:
-            self.active = bool(self.embeddings[:, -1].any())
-        return self.active
+    def full(self):
+        return self.filled >= self.embeddings.shape[1]
+
+    @torch.no_grad()
+    def restore(self, embeddings):
+        """A saved queue; its filled rows are the non-zero ones (a normalised embedding never is 0)."""
+        self.embeddings.copy_(embeddings)
+        self.filled = int(self.embeddings.any(dim=2).any(dim=0).sum())
 
     @torch.no_grad()
     def push(self, new):
@@ -146,15 +236,23 @@ class EmbeddingQueue(nn.Module):
         batch = new.shape[1]
         self.embeddings[:, batch:] = self.embeddings[:, :-batch].clone()
         self.embeddings[:, :batch] = new
+        self.filled = min(self.filled + batch, self.embeddings.shape[1])
+
+
+def queue_rows(queue_length, batch_size, world_size):
+    """Queue rows per process: --queue-length trimmed to a multiple of the global batch, split over the
+    processes (3840 -> 3072 at 1024 -> 384 per GPU, as SSLight's swav_trainer.py). 0 = no queue."""
+    global_batch = batch_size * world_size
+    return (queue_length - queue_length % global_batch) // world_size
 
 
 @torch.no_grad()
 def assign_codes(scores, embeddings, prototypes, queue, batch, epsilon=0.05, iterations=3):
-    """Codes of the 2 global crops (CROPS_FOR_ASSIGN = [0, 1], spec §1.3). Once the queue is
-    full, its scores (against the current prototypes) are stacked in front of the batch so that
-    Sinkhorn's equipartition is over more samples than a small batch; only the last `batch` rows
-    are kept. Then this step's g1/g2 embeddings are pushed."""
-    use_queue = queue is not None and queue.ready()
+    """Codes of the 2 global crops (SwAV's crops_for_assign = [0, 1]). Once the queue is full, its scores
+    (against the current prototypes) are stacked in front of the batch so that Sinkhorn's equipartition is
+    over more samples than a small batch; only the last `batch` rows are kept. Then this step's g1 / g2
+    embeddings are pushed."""
+    use_queue = queue is not None and queue.full()
     codes = []
     for i in range(2):
         s = scores[i * batch:(i + 1) * batch].float()
@@ -167,11 +265,11 @@ def assign_codes(scores, embeddings, prototypes, queue, batch, epsilon=0.05, ite
 
 
 def swapped_prediction_loss(scores, codes, local_crops, alpha, beta, temperature=0.1):
-    """alpha * mean(global-global CE) + beta * mean(global-local CE)   (spec §1.3)
+    """alpha * mean(global-global CE) + beta * mean(global-local CE)   (paper §3.3, Eq. 2)
 
-    ce[a, v] = mean over the batch of -sum_k q_a log softmax(scores_v / T): the code of global
-    crop a predicted from crop v. gg: (0 <- 1), (1 <- 0); gl: each code from each local.
-    With alpha = 1/(1+n_local) this is SwAV's sum over all (a, v != a) / (2 * (n_crops - 1))."""
+    ce[a, v] = mean over the batch of -sum_k q_a log softmax(scores_v / T): the code of global crop a
+    predicted from crop v. gg: (0 <- 1), (1 <- 0); gl: each code from each local.
+    With alpha = 1/(1+n_local) this is official SwAV's sum over all (a, v != a) / (2 * (n_crops - 1))."""
     logp = F.log_softmax(scores.float() / temperature, dim=1).unflatten(0, (2 + local_crops, -1))
     # Elementwise in fp32 (a matmul would run in TF32 on CUDA): (2, n_crops) matrix of mean CEs.
     ce = torch.stack([-(code * logp).sum(-1).mean(-1) for code in codes])
@@ -181,136 +279,467 @@ def swapped_prediction_loss(scores, codes, local_crops, alpha, beta, temperature
     return alpha * global_global + beta * ce[:, 2:].sum() / (2 * local_crops)
 
 
-def queue_rows(args, run, log):
-    """Per-rank queue rows: --queue-length trimmed to a multiple of the global batch, split over
-    the ranks (3840 -> 3072 at 1024 -> 384 per GPU, spec §2.3). 0 = no queue."""
-    global_batch = args.batch_size * run.world
-    trimmed = args.queue_length - args.queue_length % global_batch
-    if args.queue_length and not trimmed:
-        log(f"note: --queue-length {args.queue_length} < global batch {global_batch}: no queue")
-    return trimmed // run.world
+@torch.no_grad()
+def collapse_signals(embeddings, scores, codes, batch):
+    """-> (per-dimension std of the L2-normalised embeddings: ~1/sqrt(D) when spread, ~0 when every image
+    gives the same; mean entropy of the codes: ~ln K when every image gets the same flat code; the top
+    prototype of each global crop, to count the prototypes in use). From tensors of the step, no sync."""
+    code = torch.cat(codes)
+    code_entropy = -(code * code.clamp_min(1e-12).log()).sum(1).mean()
+    return embeddings.float().std(0).mean(), code_entropy, scores[:2 * batch].argmax(1)
+
+
+def export_backbone(state_dict, path, arch):
+    """The backbone's weights alone: for CNNs they load into torchvision.models.<arch>() with only the
+    classifier keys missing; for ViTs into backbones.build_backbone(arch)."""
+    state_dict = {k[len("backbone."):]: v.cpu() for k, v in state_dict.items() if k.startswith("backbone.")}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(state_dict, path)
+    print(f"exported the {arch} backbone ({len(state_dict)} tensors) to {path}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
 
-def main(args):
-    run = training.setup_run(args)
-    recipe = training.recipe_from_args(args, "swav")
-    alpha, beta = recipe.alpha_beta
-    checkpoint_path = training.prepare_output_dir(args, "swav", run)
-    log = print if run.main else (lambda *a, **k: None)
-    if args.data in (None, "synthetic"):
-        log("training on the built-in synthetic shapes demo set (pass --data DIR for real images)")
-    log(f"SwAV {args.arch} | world {run.world} on {run.device} | views: {describe(recipe)}")
+def main(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    rank, world_size, device = init_distributed(args.device, args.seed)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    output_dir = args.output_dir or os.path.join("runs", f"swav-{args.arch}")
+    checkpoint_path = os.path.join(output_dir, "checkpoint.pth")
+    if rank == 0:
+        lock_output_dir(output_dir)
+    checkpoint = load_checkpoint(checkpoint_path, log)
+    config = resolve_config(args, given_flags(parser, argv), world_size, checkpoint and checkpoint["config"])
+    config.amp, amp_note = resolve_amp(config.amp, device)
+    amp = config.amp
+    done = checkpoint["epoch"] if checkpoint else 0
+    if checkpoint and config.epochs < done:
+        raise UserError(f"{checkpoint_path} has {done} finished epochs; --epochs {config.epochs} cannot shorten it")
+    if checkpoint and done == config.epochs:
+        log(f"this run is finished: {done} epochs; checkpoint {checkpoint_path}, log {output_dir}/log.jsonl")
+        if config.export and rank == 0:
+            export_backbone(checkpoint["model"], config.export, config.arch)
+        return dict(checkpoint=checkpoint)
+    if checkpoint and config.epochs != checkpoint["config"]["epochs"]:
+        log(f"extending the run from {checkpoint['config']['epochs']} to {config.epochs} epochs: "
+            f"the lr schedule is recomputed for {config.epochs}")
+    alpha, beta = config.loss_weights
+    global_batch = config.batch_size * world_size
+    rows = queue_rows(config.queue_length, config.batch_size, world_size)
+    log(f"SwAV {config.arch} | {world_size} process(es) on {device}, amp {amp} {amp_note}| views: global "
+        f"{config.global_size}px {config.global_scale}, {config.local_crops} local {config.local_size}px "
+        f"{config.local_scale}, loss weights gg {alpha:.3f} gl {beta:.3f} | queue {rows * world_size} of "
+        f"--queue-length {config.queue_length} (a multiple of the global batch {global_batch})")
+    log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(config).items())))
+    peak_lr = config.lr * global_batch / 256
+    start_warmup = min(config.start_warmup, peak_lr)  # below a global batch of 64 it would "warm up" downwards
+    if start_warmup < config.start_warmup:
+        log(f"note: --start-warmup {config.start_warmup} is above the peak lr {peak_lr:.4g} of a global batch of "
+            f"{global_batch}: the warm-up starts at the peak (the paper's batch of 1024 never needs this)")
 
-    # ============ data ============
-    dataset = training.build_dataset(args.data, MultiCropTransform(recipe))
-    loader = training.build_train_loader(dataset, args, run)
-    iters_per_epoch = args.iters_per_epoch = len(loader)  # a resume must see the same count
-    log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {args.batch_size} x {run.world}")
+    # ============ data (every path and size is checked before the first step) ============
+    recipe = views.get_recipe("swav", config.recipe, backbones.is_vit(config.arch), **{
+        k: getattr(config, k) for k in ("global_size", "local_size", "local_crops", "global_scale", "local_scale")},
+        loss_weights=config.loss_weights)
+    if rank != 0:
+        barrier()  # rank 0 downloads a named data set first
+    dataset = views.build_dataset(config.data, views.MultiCropTransform(recipe), download=rank == 0)
+    eval_transform = views.eval_transform(config.global_size)
+    eval_sets = config.eval_data and views.build_eval_datasets(config.eval_data, eval_transform, download=rank == 0)
+    if rank == 0:
+        barrier()
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=config.seed,
+                                                  drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, config.batch_size, sampler=sampler, num_workers=config.workers,
+                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         persistent_workers=config.workers > 0,
+                                         prefetch_factor=2 if config.workers > 0 else None)
+    iters_per_epoch = len(loader)
+    if iters_per_epoch == 0:
+        raise UserError(f"{len(dataset)} images give {len(sampler)} per process, fewer than --batch-size "
+                        f"{config.batch_size}")
+    if checkpoint and checkpoint["num_images"] != len(dataset):
+        raise UserError(f"--data {config.data} now has {len(dataset)} images, the run was trained on "
+                        f"{checkpoint['num_images']}: use the same data or another --output-dir")
+    log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {config.batch_size} x {world_size}")
 
-    # ============ model ============
-    model = build_swav_net(args)
-    model, memory_format = training.to_device(model, run, args.arch)  # SyncBN over the global batch
-    model_ddp = nn.parallel.DistributedDataParallel(model) if run.world > 1 else model  # broadcasts rank 0
-    rows = queue_rows(args, run, log)
-    queue = None  # created at --epoch-queue-starts; outside DDP, one per rank
+    # ============ model; the queue lives outside DDP, one per process ============
+    memory_format = backbones.memory_format(config.arch, device)
+    model = build_swav_net(config.arch, config.hidden_dim, config.feat_dim, config.num_prototypes)
+    model = backbones.sync_batchnorm(model, device, world_size).to(device, memory_format=memory_format)
+    model_ddp = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model  # broadcasts rank 0's
+    queue = None  # created after --epoch-queue-starts epochs
 
-    # ============ optimizer and schedules (one value per iteration) ============
-    optimizer = training.LARS(training.param_groups(model))
-    scaler = training.grad_scaler(run, args.amp)
-    warmup_epochs = training.clamp_warmup("--warmup-epochs", args.warmup_epochs, args.epochs, log)
-    peak_lr = args.lr * args.batch_size * run.world / 256
-    start_warmup = min(args.start_warmup, peak_lr)  # below a global batch of 64 it would "warm up" downwards
-    if start_warmup < args.start_warmup:
-        log(f"note: --start-warmup {args.start_warmup} is above the peak lr {peak_lr:.4g}; starting at the peak")
-    lr_schedule = training.cosine_schedule(peak_lr, args.min_lr, args.epochs, iters_per_epoch, warmup_epochs,
-                                           start_warmup=start_warmup)
+    # ============ optimizer and schedule (one value per iteration) ============
+    optimizer = LARS(param_groups([model]))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    lr_schedule = cosine_schedule(peak_lr, config.min_lr, config.epochs, iters_per_epoch, config.warmup_epochs,
+                                  start_warmup=start_warmup)
+    # Both counted in iterations, so that a fraction of an epoch (a short run's share of the paper's) works.
+    freeze_iters = int(config.freeze_prototypes_epochs * iters_per_epoch)
+    queue_start = int(config.epoch_queue_starts * iters_per_epoch)
+    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
+    knn = lambda: knn_monitor(model.backbone, *eval_sets, 256, config.workers, device, rank, world_size, autocast)
 
-    # ============ resume ============
-    extra_keys = ("num_prototypes", "feat_dim", "hidden_dim", "queue_length")
-    start_epoch, start_step = 0, 0
-    checkpoint = training.load_for_resume(checkpoint_path, args, run, extra_keys=extra_keys)
-    if checkpoint is not None:
+    # ============ resume, or the untrained network's kNN as epoch 0 ============
+    if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"]:  # empty unless saved under --amp fp16 (switching --amp is allowed)
+        if checkpoint["scaler"]:  # empty unless saved under fp16 (switching --amp is allowed)
             scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, start_step = checkpoint["epoch"], checkpoint["step_in_epoch"]
-        saved_queue = checkpoint["queue"]  # (world, 2, rows, D) or None
-        if saved_queue is not None and saved_queue.shape[:3] == (run.world, 2, rows):
-            queue = EmbeddingQueue(rows, args.feat_dim).to(run.device)
-            queue.embeddings.copy_(saved_queue[run.rank])
-        elif saved_queue is not None:
-            log(f"note: the saved queue was for {saved_queue.shape[0]} processes; starting an empty one")
-        log(f"resumed from {checkpoint_path}: epoch {start_epoch}, step {start_step} of {iters_per_epoch}")
+        if checkpoint["queue"] is not None:  # (processes, 2, rows, D): each process continues its own
+            queue = EmbeddingQueue(rows, config.feat_dim).to(device)
+            queue.restore(checkpoint["queue"][rank])
+        history = checkpoint["history"]
+        log(f"resumed from {checkpoint_path} after epoch {done} of {config.epochs}")
     else:
-        log("arguments:\n" + training.format_args(args))
+        history = [dict(epoch=0, **knn())] if eval_sets else []
+        if history:
+            log(f"epoch 0 (untrained): kNN top-1 {history[0]['knn_top1']:.2f} %")
+    if rank == 0:
+        with open(os.path.join(output_dir, "args.json"), "w") as f:
+            json.dump(vars(config), f, indent=2)  # written only once the settings have passed the checks
 
-    def save(epoch, step_in_epoch):
-        # Every rank's queue differs, so all ranks gather them (a collective: every rank calls
-        # save) and rank 0 writes them into the one atomic checkpoint; rank r resumes from [r].
-        queues = None if queue is None else training.concat_all_gather(queue.embeddings[None])
-        if run.main:
-            training.save_checkpoint(dict(
-                method="swav", settings=training.resume_settings(args, run, extra_keys), args=vars(args),
-                model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                queue=None if queues is None else queues.cpu(), epoch=epoch, step_in_epoch=step_in_epoch),
-                checkpoint_path)
-
-    json_log = training.JsonLog(args.output_dir, run)
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(done, config.epochs):
         # ============ one epoch of SwAV ============
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.skip_batches = start_step
-        if queue is None and rows > 0 and epoch >= args.epoch_queue_starts:
-            queue = EmbeddingQueue(rows, args.feat_dim).to(run.device)
-            log(f"queue started: {rows} x {run.world} embeddings per global crop; used once full")
+        sampler.set_epoch(epoch)
         model.train()
-        progress = training.EpochProgress(args, run, epoch, start_step, iters_per_epoch, checkpoint_path)
-        for i, (crops, _) in enumerate(loader, start=start_step):
+        sums = torch.zeros(3, device=device)  # loss, embedding std, code entropy
+        top_prototypes = torch.zeros(config.num_prototypes, device=device)  # 1 = the top score of some crop
+        start = time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0, dynamic_ncols=True)
+        for i, (crops, _) in enumerate(bar):
             it = epoch * iters_per_epoch + i  # global iteration: index into the schedule
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule[it]
-                group["weight_decay"] = args.weight_decay * group["wd_factor"]
-            crops = [c.to(run.device, non_blocking=True, memory_format=memory_format) for c in crops]
-            model.normalize_prototypes()  # before the forward, every iteration (spec §2.3)
+                group["weight_decay"] = config.weight_decay * group["wd_factor"]
+            if queue is None and rows > 0 and it >= queue_start:
+                queue = EmbeddingQueue(rows, config.feat_dim).to(device)
+                log(f"queue started at epoch {epoch + 1}, step {i + 1}: {rows} x {world_size} embeddings per "
+                    "global crop, used once full")
+            crops = [views.normalize(c, device, memory_format) for c in crops]  # uint8 -> float on the device
+            model.normalize_prototypes()  # before every forward (official SwAV main_swav.py)
 
-            with training.autocast(run, args.amp):
+            with autocast:
                 embeddings, scores = model_ddp(crops)
-            # Codes and loss in float32 outside autocast (Sinkhorn's exp overflows in half precision).
+            # Codes and loss in float32 outside autocast: Sinkhorn's exp(score / epsilon) overflows half precision.
             codes = assign_codes(scores.detach(), embeddings.detach(), model.prototypes.weight, queue,
-                                 crops[0].shape[0], args.epsilon, args.sinkhorn_iterations)
-            loss = swapped_prediction_loss(scores, codes, recipe.local_crops, alpha, beta, args.temperature)
+                                 config.batch_size, config.epsilon, config.sinkhorn_iterations)
+            loss = swapped_prediction_loss(scores, codes, config.local_crops, alpha, beta, config.temperature)
 
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if epoch < args.freeze_prototypes_epochs:
-                # None, not zero: LARS then skips them (no weight decay, no momentum). Counted in
-                # epochs; a moving target early on is a known cause of collapse (spec §2.3).
+            if it < freeze_iters:
+                # None, not zero: LARS then skips them (no weight decay, no momentum). Prototypes that move
+                # while the codes are still random are a known cause of collapse (official SwAV).
                 model.prototypes.weight.grad = None
             scaler.step(optimizer)
             scaler.update()
 
-            if progress.update(it, lr_schedule[it], loss=loss):
-                save(epoch, i + 1)
+            embedding_std, code_entropy, top = collapse_signals(embeddings.detach(), scores.detach(), codes,
+                                                                config.batch_size)
+            sums += torch.stack([loss.detach(), embedding_std, code_entropy])
+            top_prototypes.index_fill_(0, top, 1.0)
+            del embeddings, scores, codes, loss, top  # free them before the next forward's peak
+            if (i + 1) % config.log_every == 0 or i + 1 == iters_per_epoch:  # the one host sync
+                means = (all_reduce_sum(sums.clone()) / ((i + 1) * world_size)).tolist()
+                if not math.isfinite(means[0]):
+                    raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; the last good "
+                                     f"checkpoint is kept in {checkpoint_path}. Try --amp off or a lower --lr")
+                bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr_schedule[it]:.2e}",
+                                img_s=round((i + 1) * global_batch / (time.time() - start), 1))
 
-        # ============ end of epoch: log, monitor, checkpoint ============
-        record = dict(epoch=epoch + 1, **progress.close(it), lr=lr_schedule[it], wd=args.weight_decay,
-                      queue_active=queue is not None and queue.active)
-        record.update(training.knn_eval_if_due(model.backbone, args, run, epoch))
-        log(json.dumps(record))
-        json_log.write(**record)
-        save(epoch + 1, 0)
-        start_step = 0
+        # ============ end of epoch: record, monitor, checkpoint ============
+        used = int(all_reduce_sum(top_prototypes).count_nonzero())
+        ln_k, healthy_std = math.log(config.num_prototypes), 1 / math.sqrt(config.feat_dim)
+        record = dict(epoch=epoch + 1, loss=means[0], embedding_std=means[1], code_entropy=means[2], ln_k=ln_k,
+                      prototypes_used=used, lr=lr_schedule[it], wd=config.weight_decay,
+                      queue_full=queue is not None and queue.full(),
+                      img_per_s=round(iters_per_epoch * global_batch / (time.time() - start), 1))
+        if eval_sets and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+            record.update(knn())
+        history.append(record)
+        untrained = f" (untrained {history[0]['knn_top1']:.2f})" if history[0]["epoch"] == 0 else ""
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {means[0]:.4f} (ln K {ln_k:.3f}), embedding std {means[1]:.4f} "
+            f"(~{healthy_std:.3f} healthy), {used} of {config.num_prototypes} prototypes used"
+            + (f", kNN top-1 {record['knn_top1']:.2f} %{untrained}" if "knn_top1" in record else ""))
+        if means[1] < 0.1 * healthy_std or means[2] > 0.99 * ln_k:
+            log(f"collapse: every image gets the same embedding (std {means[1]:.2e}) or a flat code (entropy "
+                f"{means[2]:.3f} of ln K {ln_k:.3f}), {used} of {config.num_prototypes} prototypes used. Usually "
+                "fixed by --epsilon 0.03, a longer --freeze-prototypes-epochs, a lower --lr, or softer augmentation "
+                "(a larger minimum of --global-scale / --local-scale)")
+        # Every process's queue differs: all gather them (a collective) and rank 0 writes them into the one
+        # checkpoint; process r resumes from [r].
+        queues = None if queue is None else all_gather_cat(queue.embeddings[None]).cpu()
+        if rank == 0:
+            save_checkpoint(dict(method="swav", config=vars(config), epoch=epoch + 1, num_images=len(dataset),
+                                 history=history, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                 scaler=scaler.state_dict(), queue=queues), checkpoint_path)
+            write_log(os.path.join(output_dir, "log.jsonl"), history)
 
-    if args.export and run.main:
-        training.export_backbone(training.strip_prefix(model.state_dict(), "backbone."), args.export, args.arch)
-    training.cleanup()
-    return dict(model=model, queue=queue)
+    if config.export and rank == 0:
+        export_backbone(model.state_dict(), config.export, config.arch)
+    barrier()
+    return dict(model=model, queue=queue, history=history)
+
+
+# ---- plumbing: identical in dino.py, moco_v2.py, swav.py, linear_eval.py (tests/test_plumbing.py) ----
+# Distributed setup and collectives, LARS and its parameter groups, the cosine schedule, checkpoints and the
+# run folder, the kNN monitor. Written out in every script, as official MoCo repeats its helpers in
+# main_moco.py and main_lincls.py, so that one script can be copied with backbones.py and views.py alone.
+# Every function takes explicit values, never `args`.
+
+def init_distributed(device_name, seed):
+    """-> (rank, world_size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python script.py`
+    is one process without a process group, and every collective below is then a no-op."""
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA device is visible")
+    rank, world_size, device = 0, 1, torch.device("cuda" if use_cuda else "cpu")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if use_cuda:  # modulo: a launcher may show each process only its own GPU (SLURM --gpus-per-task=1)
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(seed + rank)
+    return rank, world_size, device
+
+
+def given_flags(parser, argv=None):
+    """The names of the flags typed on the command line (their defaults are not in it)."""
+    unset = object()
+    typed = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return {name for name, value in vars(typed).items() if value is not unset}
+
+
+def resolve_amp(amp, device):
+    """-> (autocast dtype name or "off", a note). auto: bf16 on GPUs of compute capability >= 8.0; fp16
+    with a GradScaler below, where cuDNN has no fast bf16 convolutions (torch.cuda.is_bf16_supported() still
+    says True); off on the CPU. An explicit value holds on any device: the CPU runs the same AMP branches."""
+    note = ""
+    if amp == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        amp, note = "fp16", "(compute capability < 8.0: fp16, bf16 convolutions would be slow) "
+    elif amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels
+        torch.set_float32_matmul_precision("high" if amp != "off" else "highest")  # off = fp32 matmuls, no TF32
+    return amp, note
+
+
+def loader_workers(requested):
+    """--workers, or by default this node's CPU cores shared among its processes (torchrun's LOCAL_WORLD_SIZE),
+    at most 8: 8 GPUs x 8 workers on a 64-core node, not 8 x 64."""
+    if requested is not None:
+        return requested
+    return min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(tensor):
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def all_gather_cat(tensor):
+    """Every rank's `tensor` concatenated along dim 0, in rank order (no gradient)."""
+    if not is_distributed():
+        return tensor
+    tensor = tensor.contiguous()  # one plain layout for sent and received buffers (not channels_last)
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor)
+    return torch.cat(gathered)
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def param_groups(modules, decay_all=False):
+    """SSLight's three groups, trainable parameters only (decay_all: one group, MoCo-v2's way):
+    regularized:     ndim >= 2, not depthwise -> weight decay, LARS adaptation;
+    depthwise:       4-D conv weights with shape[1] == 1 (MobileNetV2) -> no weight decay, LARS kept;
+    not regularized: biases and norm parameters (ndim < 2) -> no weight decay, no LARS."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if decay_all:
+        return [dict(params=params, wd_factor=1.0, lars_exclude=False)]
+    depthwise = lambda p: p.ndim == 4 and p.shape[1] == 1
+    groups = [dict(params=[p for p in params if p.ndim >= 2 and not depthwise(p)], wd_factor=1.0, lars_exclude=False),
+              dict(params=[p for p in params if depthwise(p)], wd_factor=0.0, lars_exclude=False),
+              dict(params=[p for p in params if p.ndim < 2], wd_factor=0.0, lars_exclude=True)]
+    return [g for g in groups if g["params"]]
+
+
+class LARS(torch.optim.Optimizer):
+    """SSLight's LARS: g = grad + wd * p; unless lars_exclude, g *= eta * ||p|| / ||g|| when both norms
+    are > 0; mu = momentum * mu + g; p -= lr * mu. eta 0.001, momentum 0.9, no Nesterov. The trust ratios
+    of a group are computed as one stacked tensor (a few kernels per group, no host sync)."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                                      lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            # torch._foreach_*: one kernel over the whole list, as torch's own optimizers do
+            grads = torch._foreach_add([p.grad for p in params], params, alpha=group["weight_decay"])
+            if not group["lars_exclude"]:
+                norms = torch.stack(torch._foreach_norm(params + list(grads))).view(2, -1)  # (param, grad) norms
+                ratios = torch.where((norms > 0).all(0), group["eta"] * norms[0] / norms[1], 1.0)
+                for g, ratio in zip(grads, ratios.unbind()):
+                    g.mul_(ratio)
+            buffers = []
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buffers.append(self.state[p]["momentum_buffer"])
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+
+
+def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, start_warmup=0.0):
+    """One value per iteration (official DINO utils.cosine_scheduler): linear warm-up from start_warmup
+    to base over warmup_epochs (may be fractional), then a cosine from base to final."""
+    warmup_iters, total = int(warmup_epochs * iters_per_epoch), int(epochs * iters_per_epoch)
+    warmup = [start_warmup + (base - start_warmup) * i / warmup_iters for i in range(warmup_iters)]
+    rest = total - warmup_iters
+    return warmup + [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / rest)) for i in range(rest)]
+
+
+def save_checkpoint(state, path):
+    """Atomic and keeping the last good one: write PATH.tmp, move PATH to PATH.prev, rename the new file
+    to PATH. A kill at any moment leaves a complete checkpoint; a failed write (disk full) leaves the
+    old ones as they were and stops the run with a clear message."""
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(state, tmp)
+    except (OSError, RuntimeError) as error:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write the checkpoint {path} ({error}); the last good one is kept") from None
+    if os.path.exists(path):
+        os.replace(path, f"{path}.prev")
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, log=print):
+    """The newest readable of PATH and PATH.prev, or None when neither exists. An unreadable file is
+    named and the previous checkpoint used instead."""
+    candidates = [p for p in (path, f"{path}.prev") if os.path.exists(p)]
+    for candidate in candidates:
+        try:
+            return torch.load(candidate, map_location="cpu", weights_only=False)
+        except Exception as error:
+            log(f"warning: cannot read {candidate} ({type(error).__name__}: {str(error)[:200]}); trying an older one")
+    if candidates:
+        raise UserError(f"no readable checkpoint in {os.path.dirname(path) or '.'}: {', '.join(candidates)} are broken")
+    return None
+
+
+def lock_output_dir(output_dir):
+    """Hold OUTPUT_DIR/lock (host and pid of the holder) for the rest of this process, so two runs never
+    write the same folder. A lock left by a dead process on this host is taken over."""
+    os.makedirs(output_dir, exist_ok=True)
+    path, me = os.path.join(output_dir, "lock"), f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            with open(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                f.write(me)
+            atexit.register(lambda: os.path.exists(path) and open(path).read() == me and os.remove(path))
+            return
+        except FileExistsError:
+            host, _, pid = open(path).read().partition(" ")
+            if f"{host} {pid}" == me:
+                return  # this process holds it already (main() called twice in one process)
+            if host == socket.gethostname() and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                os.remove(path)  # stale: its holder is gone
+                continue
+            raise UserError(f"{output_dir} is in use by another run ({host} pid {pid}); wait, or remove {path} "
+                            "if no run is alive") from None
+
+
+def write_log(path, records):
+    """log.jsonl = exactly these records, one JSON line each, replaced atomically: after any kill and
+    resume it holds one line per finished epoch (the records travel in the checkpoint)."""
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    os.replace(f"{path}.tmp", path)
+
+
+@torch.no_grad()
+def extract_features(feature_fn, dataset, batch_size, workers, device, rank, world_size, autocast,
+                     memory_format=torch.contiguous_format):
+    """Features of the whole `dataset`, in its order, on every rank: rank r extracts the images r, r + W,
+    r + 2W, ... (so no rank idles into the NCCL timeout), then all ranks gather and interleave."""
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    features, labels, dim = [], [], None
+    for images, targets in loader:
+        with autocast:
+            features.append(feature_fn(views.normalize(images, device, memory_format)).float())
+        labels.append(torch.as_tensor(targets).to(device))
+    if features:
+        features, labels = torch.cat(features), torch.cat(labels).long()
+    else:  # fewer images than processes: this rank's shard is empty
+        with autocast:
+            dim = feature_fn(views.normalize(dataset[0][0][None], device, memory_format)).shape[1]
+        features, labels = torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    per_rank = math.ceil(len(dataset) / world_size)  # pad every shard to the same length, gather, interleave
+    pad = lambda t: torch.cat([t, t.new_zeros((per_rank - len(t),) + t.shape[1:])])
+    gather = lambda t: all_gather_cat(pad(t)).view(world_size, per_rank, *t.shape[1:]).transpose(0, 1).flatten(0, 1)
+    return gather(features)[:len(dataset)], gather(labels)[:len(dataset)]
+
+
+@torch.no_grad()
+def knn_classify(bank, bank_labels, queries, query_labels, num_classes, k=20, temperature=0.07, chunk=512):
+    """Weighted kNN (official DINO eval_knn.py): the k most cosine-similar bank images vote for their class
+    with weight exp(sim / T). -> (top-1 %, top-5 %). Bank images with label -1 (unlabelled) do not vote."""
+    keep = bank_labels >= 0
+    bank, bank_labels = F.normalize(bank[keep].float(), dim=1), bank_labels[keep]
+    k, top, hits = min(k, len(bank)), min(5, num_classes), torch.zeros(2, device=bank.device)
+    for start in range(0, len(queries), chunk):
+        similarity, index = (F.normalize(queries[start:start + chunk].float(), dim=1) @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(similarity), num_classes, device=bank.device)
+        votes.scatter_add_(1, bank_labels[index], ((similarity - 1) / temperature).exp())  # exp(sim/T), no overflow
+        hit = votes.topk(top, dim=1).indices == query_labels[start:start + chunk, None]
+        hits += torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
+    return tuple((100.0 * hits / max(1, len(queries))).tolist())
+
+
+def knn_monitor(backbone, bank_set, val_set, batch_size, workers, device, rank, world_size, autocast,
+                memory_format=torch.contiguous_format):
+    """kNN top-1 / top-5 (k 20, T 0.07) of `backbone` in eval mode, train bank -> val, on every rank."""
+    was_training = backbone.training
+    backbone.eval()
+    extract = lambda dataset: extract_features(backbone, dataset, batch_size, workers, device, rank, world_size,
+                                               autocast, memory_format)
+    (bank, bank_labels), (val, val_labels) = extract(bank_set), extract(val_set)
+    backbone.train(was_training)
+    num_classes = max(len(getattr(bank_set, "classes", ())), int(bank_labels.max()) + 1)
+    top1, top5 = knn_classify(bank, bank_labels, val, val_labels, num_classes)
+    return dict(knn_top1=round(top1, 2), knn_top5=round(top5, 2))
+# ---- end of plumbing ----
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -1,3 +1,6 @@
+"""swav.py: Sinkhorn (marginals, reference, half precision, two processes), the queue, the loss by hand, the
+model, real steps, the configuration, and whole runs (freeze, queue, extension, export, refusals, the
+non-finite stop, collapse, torchrun)."""
 import json
 import math
 import os
@@ -6,11 +9,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+import backbones
 import swav
-import training
 from conftest import TinyBackbone, assert_ranks_identical, run_torchrun
 
 
@@ -87,11 +91,11 @@ def test_queue_fills_shifts_and_is_used_only_once_full():
         scores = emb @ prototypes.t()
         codes = swav.assign_codes(scores, emb, prototypes, queue, B)
         if step < 2:  # not full yet: codes from the batch alone
-            assert not queue.active
+            assert queue.filled == 2 * (step + 1)
             assert torch.allclose(codes[0], swav.sinkhorn(scores[:B]))
             assert torch.allclose(codes[1], swav.sinkhorn(scores[B:]))
         else:  # full after 2 pushes: queue scores (the 2 earlier batches) stacked in front
-            assert queue.active
+            assert queue.full()
             for i in range(2):
                 stacked = torch.cat([batches[1][i * B:(i + 1) * B], batches[0][i * B:(i + 1) * B],
                                      emb[i * B:(i + 1) * B]]) @ prototypes.t()
@@ -102,13 +106,47 @@ def test_queue_fills_shifts_and_is_used_only_once_full():
         assert torch.equal(queue.embeddings[0, :B], emb[:B]) and torch.equal(queue.embeddings[1, :B], emb[B:])
         if step >= 1:
             assert torch.equal(queue.embeddings[0, B:2 * B], batches[step - 1][:B])
+    # A restored queue knows how full it is from its non-zero rows.
+    half = swav.EmbeddingQueue(rows=2 * B, dim=D)
+    half.restore(torch.cat([queue.embeddings[:, :B], torch.zeros(2, B, D)], dim=1))
+    assert half.filled == B and not half.full()
+    again = swav.EmbeddingQueue(rows=2 * B, dim=D)
+    again.restore(queue.embeddings)
+    assert again.full()
+
+
+def config_for(*flags, world_size=1):
+    parser = swav.get_args_parser()
+    return swav.resolve_config(parser.parse_args(list(flags)), swav.given_flags(parser, list(flags)), world_size)
 
 
 def test_queue_rows_trimmed_to_the_global_batch():
-    args = swav.get_args_parser().parse_args(["--batch-size", "128"])
-    assert swav.queue_rows(args, training.Run(0, 8, torch.device("cpu")), print) == 384  # 3840 -> 3072 / 8
-    args = swav.get_args_parser().parse_args(["--batch-size", "64", "--queue-length", "100"])
-    assert swav.queue_rows(args, training.Run(0, 2, torch.device("cpu")), print) == 0
+    assert swav.queue_rows(3840, 128, 8) == 384  # 3840 -> 3072 over 8 processes
+    assert swav.queue_rows(3840, 64, 1) == 3840 and swav.queue_rows(0, 64, 2) == 0
+    with pytest.raises(swav.UserError, match="--queue-length 100 holds less than one global batch .* 128"):
+        config_for("--batch-size", "64", "--queue-length", "100", world_size=2)
+
+
+def test_paper_defaults_and_short_run_warmups():
+    paper = config_for()
+    assert (paper.arch, paper.hidden_dim, paper.feat_dim, paper.num_prototypes, paper.epsilon) == \
+        ("mobilenet_v2", 4096, 128, 3000, 0.05)
+    assert (paper.warmup_epochs, paper.epoch_queue_starts, paper.freeze_prototypes_epochs) == (10, 15, 1)
+    assert (paper.local_crops, paper.local_size, paper.loss_weights, paper.lr) == (6, 128, (0.4, 0.6), 0.3)
+    short = config_for("--epochs", "20")  # the paper's warm-ups keep their fraction of the run
+    assert (short.warmup_epochs, short.epoch_queue_starts, short.freeze_prototypes_epochs) == \
+        pytest.approx((1.0, 1.5, 0.1))
+    given = config_for("--epochs", "20", "--epoch-queue-starts", "3", "--freeze-prototypes-epochs", "2")
+    assert (given.epoch_queue_starts, given.freeze_prototypes_epochs) == (3, 2)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--epochs", "0"], "--epochs must be >= 1"), (["--epsilon", "0"], "--epsilon"),
+    (["--num-prototypes", "0"], "--num-prototypes"), (["--epoch-queue-starts", "-1"], "--epoch-queue-starts"),
+    (["--arch", "vit_tiny", "--global-size", "32"], "multiples of its 16 px")])
+def test_nonsense_values_are_refused_before_training(flags, message):
+    with pytest.raises(swav.UserError, match=message):
+        config_for(*flags)
 
 
 def hand_ce(q, scores, t):
@@ -143,6 +181,21 @@ def test_loss_matches_hand_computation(weights):
     assert no_locals == pytest.approx(gg / 2, rel=1e-5)
 
 
+def test_collapse_signals():
+    torch.manual_seed(0)
+    B, K = 4, 6
+    spread = F.normalize(torch.randn(2 * B, 8), dim=1)
+    scores = spread @ F.normalize(torch.randn(K, 8), dim=1).t()
+    codes = [swav.sinkhorn(scores[:B]), swav.sinkhorn(scores[B:])]
+    std, entropy, top = swav.collapse_signals(spread, scores, codes, B)
+    assert std > 0.2 and entropy < 0.99 * math.log(K) and top.shape == (2 * B,)
+    same = spread[:1].expand(2 * B, -1)  # every image gives the same embedding: flat codes, one top prototype
+    scores = same @ F.normalize(torch.randn(K, 8), dim=1).t()
+    codes = [swav.sinkhorn(scores[:B]), swav.sinkhorn(scores[B:])]
+    std, entropy, top = swav.collapse_signals(same, scores, codes, B)
+    assert std == 0 and entropy.item() == pytest.approx(math.log(K), rel=1e-4) and len(top.unique()) == 1
+
+
 def test_init_and_checkpoint_names():
     torch.manual_seed(0)
     net = swav.SwAVNet(TinyBackbone(), hidden_dim=32, feat_dim=8, num_prototypes=20)
@@ -175,100 +228,135 @@ def test_training_steps_reduce_the_loss():
     assert sum(losses[-3:]) / 3 < 0.8 * losses[0], losses
 
 
-def tiny_flags(data, out, *extra):
-    return ["--data", data, "--output-dir", str(out), "--epochs", "1", "--batch-size", "4", "--workers", "0",
-            "--global-size", "32", "--local-crops", "2", "--hidden-dim", "64", "--feat-dim", "16",
+# ----------------------------------------------------------------------------------------------
+# Whole runs
+# ----------------------------------------------------------------------------------------------
+
+def small_run_flags(data, out, *extra):
+    return ["--arch", "resnet18", "--data", str(data), "--output-dir", str(out), "--epochs", "1", "--batch-size", "4",
+            "--workers", "0", "--global-size", "32", "--local-crops", "2", "--hidden-dim", "64", "--feat-dim", "16",
             "--num-prototypes", "32", "--log-every", "1", *extra]
 
 
-class Interrupted(Exception):
-    pass
+@pytest.fixture
+def tiny(monkeypatch):
+    """A 2-layer CNN instead of the real backbone, for whole runs that test logic."""
+    monkeypatch.setattr(backbones, "build_backbone", lambda arch, **kw: TinyBackbone())
 
 
-def test_freeze_unit_norm_queue_and_resume(image_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(swav, "build_backbone", lambda arch, **kw: TinyBackbone())
+def test_freeze_unit_norm_queue_and_extension(image_folder, tmp_path, tiny, monkeypatch, capsys):
     out = tmp_path / "run"
     # 16 images / 4 = 4 steps per epoch; a queue of 8 rows is full after 2 steps.
-    flags = tiny_flags(image_folder, out, "--epochs", "2", "--epoch-queue-starts", "0", "--queue-length", "8",
-                       "--freeze-prototypes-epochs", "1", "--lr", "30")
-    torch.manual_seed(0)
-    initial = swav.build_swav_net(swav.get_args_parser().parse_args(flags)).state_dict()
+    flags = small_run_flags(image_folder, out, "--epoch-queue-starts", "0", "--queue-length", "8",
+                            "--freeze-prototypes-epochs", "1", "--lr", "30")
+    torch.manual_seed(0)  # main seeds the same way before it builds the model
+    initial = swav.build_swav_net("resnet18", 64, 16, 32).state_dict()
     seen = []  # (prototypes given to assign_codes, queue contents, queue in use) at every step
     original_assign = swav.assign_codes
 
     def spy(scores, embeddings, prototypes, queue, *a):
-        seen.append((prototypes.detach().clone(), queue.embeddings.clone(), queue.ready()))
+        seen.append((prototypes.detach().clone(), queue.embeddings.clone(), queue.full()))
         return original_assign(scores, embeddings, prototypes, queue, *a)
 
-    original_save = training.save_checkpoint
-
-    def save_then_die(state, path):  # a kill right after the first epoch's checkpoint
-        original_save(state, path)
-        raise Interrupted
-
     monkeypatch.setattr(swav, "assign_codes", spy)
-    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
-    with pytest.raises(Interrupted):
-        swav.main(swav.get_args_parser().parse_args(flags))
+    swav.main(flags)
     first = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert (first["method"], first["epoch"], first["step_in_epoch"]) == ("swav", 1, 0)
-    assert [ready for _, _, ready in seen] == [False, False, True, True]
-    # Frozen during epoch 0: the prototypes are the initial ones, renormalised; the rest moved.
-    assert torch.allclose(first["model"]["prototypes.weight"], F.normalize(initial["prototypes.weight"], dim=1), atol=1e-6)
+    assert (first["method"], first["epoch"]) == ("swav", 1)
+    assert [full for _, _, full in seen] == [False, False, True, True]
+    # Frozen during epoch 1: the prototypes are the initial ones, renormalised; the rest moved.
+    assert torch.allclose(first["model"]["prototypes.weight"], F.normalize(initial["prototypes.weight"], dim=1),
+                          atol=1e-6)
     moved = lambda a, b: (a - b).abs().max().item() > 1e-5  # a LARS step moves a weight by ~lr * 1e-3 * |w|
     assert moved(first["model"]["projection.0.weight"], initial["projection.0.weight"])
     saved_queue = first["queue"]
     assert saved_queue.shape == (1, 2, 8, 16) and torch.allclose(saved_queue.norm(dim=-1), torch.ones(1, 2, 8))
+    assert "collapse" not in capsys.readouterr().out
 
-    monkeypatch.setattr(training, "save_checkpoint", original_save)
+    # --epochs 2 extends the finished run: the saved queue comes back, full, and the prototypes now move.
     seen.clear()
-    swav.main(swav.get_args_parser().parse_args(flags))
+    swav.main(["--output-dir", str(out), "--epochs", "2", "--workers", "0"])
+    assert "extending the run from 1 to 2 epochs" in capsys.readouterr().out
     final = torch.load(out / "checkpoint.pth", weights_only=False)
     assert final["epoch"] == 2 and len(seen) == 4
     assert torch.equal(seen[0][1], saved_queue[0]) and seen[0][2]  # resumed with the saved, full queue
     for prototypes, _, _ in seen:  # unit norm at every forward
         assert torch.allclose(prototypes.norm(dim=1), torch.ones(32), atol=1e-6)
-    assert moved(seen[-1][0], seen[0][0])  # no longer frozen in epoch 1
+    assert moved(seen[-1][0], seen[0][0])  # no longer frozen in epoch 2
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2] and all(r["queue_active"] for r in records)
-    assert {"loss", "lr", "wd", "img_per_s"} <= set(records[0])
+    assert [r["epoch"] for r in records] == [1, 2] and all(r["queue_full"] for r in records)
+    assert {"loss", "lr", "wd", "img_per_s", "embedding_std", "code_entropy", "prototypes_used"} <= set(records[0])
 
 
-def test_real_backbone_export_and_incompatible_resume_refused(image_folder, tmp_path):
+def test_real_backbone_export_and_incompatible_resume_refused(image_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    swav.main(swav.get_args_parser().parse_args(
-        tiny_flags(image_folder, out, "--arch", "resnet18", "--export", str(tmp_path / "r18.pth"))))
+    # --batch-size 8: 2 steps; the warm-up spans the whole run; the queue would start after it.
+    swav.main(small_run_flags(image_folder, out, "--batch-size", "8", "--warmup-epochs", "1",
+                              "--epoch-queue-starts", "1", "--export", str(tmp_path / "r18.pth")))
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert set(checkpoint) >= {"method", "settings", "args", "model", "optimizer", "scaler", "queue", "epoch"}
-    assert checkpoint["queue"] is None  # --epoch-queue-starts 15 not reached
+    assert set(checkpoint) >= {"method", "config", "model", "optimizer", "scaler", "queue", "epoch", "history"}
+    assert checkpoint["queue"] is None
     record = json.loads((out / "log.jsonl").read_text())
-    assert math.isfinite(record["loss"]) and record["queue_active"] is False
-    # Peak lr 0.3 * 4 / 256 is below --start-warmup 0.075: the warm-up starts at the peak instead.
-    assert record["lr"] == pytest.approx(0.3 * 4 / 256)
+    assert math.isfinite(record["loss"]) and record["queue_full"] is False
+    # Peak lr 0.3 * 8 / 256 is below --start-warmup 0.075: the warm-up starts at the peak instead (logged).
+    assert record["lr"] == pytest.approx(0.3 * 8 / 256)
+    assert "note: --start-warmup 0.075 is above the peak lr" in capsys.readouterr().out
     missing, unexpected = torchvision.models.resnet18().load_state_dict(torch.load(tmp_path / "r18.pth"), strict=False)
     assert missing == ["fc.weight", "fc.bias"] and unexpected == []
-    with pytest.raises(SystemExit, match="refusing to resume.*num_prototypes"):
-        swav.main(swav.get_args_parser().parse_args(
-            tiny_flags(image_folder, out, "--arch", "resnet18", "--num-prototypes", "64")))
+    # A finished run says so and exports from its checkpoint with only --output-dir.
+    swav.main(["--output-dir", str(out), "--export", str(tmp_path / "again.pth")])
+    assert "this run is finished: 1 epochs" in capsys.readouterr().out
+    assert torch.load(tmp_path / "again.pth").keys() == torch.load(tmp_path / "r18.pth").keys()
+    with pytest.raises(swav.UserError, match="--num-prototypes 32 -> 64$"):
+        swav.main(small_run_flags(image_folder, out, "--batch-size", "8", "--warmup-epochs", "1",
+                                  "--epoch-queue-starts", "1", "--epochs", "2", "--num-prototypes", "64"))
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(image_folder, tmp_path, monkeypatch):
-    monkeypatch.setattr(swav, "build_backbone", lambda arch, **kw: TinyBackbone())
+def test_non_finite_loss_stops_and_keeps_no_checkpoint(image_folder, tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(swav, "swapped_prediction_loss", lambda scores, *a: scores.sum() * float("nan"))
-    with pytest.raises(SystemExit, match="non-finite loss at iteration 0"):
-        swav.main(swav.get_args_parser().parse_args(tiny_flags(image_folder, tmp_path / "nan")))
+    with pytest.raises(SystemExit, match="non-finite loss in epoch 1, step 1"):
+        swav.main(small_run_flags(image_folder, tmp_path / "nan"))
     assert not (tmp_path / "nan" / "checkpoint.pth").exists()
 
 
+class ConstantBackbone(nn.Module):
+    """The same feature for every image: the projection's BN maps it to one embedding, SwAV's collapse."""
+
+    def __init__(self, **unused):
+        super().__init__()
+        self.feat_dim, self.is_vit = 16, False
+        self.feature = nn.Parameter(torch.ones(16))
+
+    def forward(self, x):
+        return self.feature.expand(len(x), -1)
+
+
+def test_collapse_is_flagged(image_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(backbones, "build_backbone", lambda arch, **kw: ConstantBackbone())
+    result = swav.main(small_run_flags(image_folder, tmp_path / "same"))
+    record = result["history"][-1]
+    assert record["embedding_std"] < 1e-6 and record["code_entropy"] == pytest.approx(math.log(32), rel=1e-3)
+    assert "collapse: every image gets the same embedding" in capsys.readouterr().out
+
+
+def test_amp_fp16_branch_runs_on_the_cpu(image_folder, tmp_path, tiny):
+    """The autocast and GradScaler branch of older GPUs, forced on the CPU, with the prototypes frozen."""
+    result = swav.main(small_run_flags(image_folder, tmp_path / "fp16", "--amp", "fp16",
+                                       "--freeze-prototypes-epochs", "0.5"))
+    assert math.isfinite(result["history"][-1]["loss"])
+    assert torch.load(tmp_path / "fp16" / "checkpoint.pth", weights_only=False)["scaler"]  # the scaler ran
+
+
 def test_torchrun_two_cpu_processes_end_identical(image_folder, tmp_path):
-    # 16 images: 4 steps of 2 per rank; queue 8 -> 4 rows per rank, in use from step 3.
-    flags = tiny_flags(image_folder, tmp_path / "ddp", "--arch", "resnet18", "--batch-size", "2",
-                       "--epoch-queue-starts", "0", "--queue-length", "8")
+    # 16 images: 4 steps of 2 per process; a queue of 8 = 4 rows per process, in use from step 3; the
+    # prototypes frozen for 2 steps, then trained (their gradient is None, then DDP's again).
+    flags = small_run_flags(image_folder, tmp_path / "ddp", "--batch-size", "2", "--epoch-queue-starts", "0",
+                            "--queue-length", "8", "--freeze-prototypes-epochs", "0.5")
     ranks, result = run_torchrun("swav", tmp_path / "state", flags)
-    assert "world 2" in result.stdout
+    assert "2 process(es)" in result.stdout
     assert_ranks_identical(ranks, ("model",))
-    # Each rank keeps its own queue, and the checkpoint holds both.
+    # Each process keeps its own queue, and the checkpoint holds both.
     queues = [r["queue"]["embeddings"] for r in ranks]
     assert queues[0].shape == (2, 4, 16) and not torch.equal(queues[0], queues[1])
     saved = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=False)["queue"]
     assert torch.equal(saved[0], queues[0]) and torch.equal(saved[1], queues[1])
+    assert ranks[0]["history"][-1]["queue_full"]
