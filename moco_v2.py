@@ -1,79 +1,150 @@
 """MoCo-v2 pre-training with the paper's view sampling (SSLight, Tan, Saleh, Martinez, ICLR 2023).
 
-    python moco_v2.py                                # CPU/GPU demo on the built-in synthetic shapes
+    python moco_v2.py                                           # the CPU demo on the built-in synthetic set
     python moco_v2.py --arch mobilenet_v2 --data /path/imagenet/train
     torchrun --nproc_per_node=8 moco_v2.py --arch mobilenet_v2 --data /path/imagenet/train
-    python moco_v2.py --recipe classic --data ...    # the original 2-view MoCo-v2 (SGD, lr 0.03)
+    python moco_v2.py --recipe classic --data /path/imagenet/train     # the original 2-view MoCo-v2
 
-A query encoder (backbone + MLP head) is trained to pick, out of 1 + K candidates, the key of its
-own image: the key is the momentum (EMA) encoder's embedding of another view, and the K negatives
-are a queue of keys from past batches. The paper's recipe (spec §1.3, §2.2) uses multi-crop
-queries [g2, l1..ln] against ONE key (g1), LARS, and loss weights alpha/beta on the g2 and local
-terms; `--recipe classic` is MoCo-v2 as published (official_repos §1.2). Every number below is the
-paper's unless a flag overrides it. Output: <output-dir>/{args.json, log.jsonl, checkpoint.pth}.
+A query encoder (backbone + MLP head) learns to pick, out of 1 + K candidates, the key of its own image:
+the key is the momentum (EMA) encoder's embedding of another view, the K negatives a queue of keys from
+past batches. The paper's MoCo (SSLight's src/sslight/model/moco.py) has multi-crop queries [g2, l1..ln]
+against ONE key (g1), LARS and the loss weights alpha / beta; `--recipe classic` is MoCo-v2 as published
+(official MoCo main_moco.py: 2 views, SGD lr 0.03, wd 1e-4 on every parameter, per-epoch cosine).
+Every default below is the paper's (SSLight's exp_yamls/moco) unless noted.
+Output: <output-dir>/{args.json, log.jsonl, checkpoint.pth, checkpoint.pth.prev}; a rerun resumes.
 """
 import argparse
+import atexit
 import json
+import math
+import os
+import socket
+import sys
+import time
+import types
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
-import training
-from backbones import build_backbone, multicrop_features
-from views import MultiCropTransform, describe
+import backbones
+import views
+from views import UserError
 
-# Flags left unset take these. multicrop: --recipe light | baseline (spec §2.2, the paper's code);
-# classic: --recipe classic, MoCo-v2 as published (official_repos §1.2).
+# Unset flags take these. multicrop: --recipe light | baseline (SSLight's moco_cnn_*.yaml);
+# classic: MoCo-v2 as published (official MoCo main_moco.py with --mlp --moco-t 0.2 --aug-plus --cos).
 PAPER_DEFAULTS = {
     "multicrop": dict(optimizer="lars", lr=0.48, min_lr=0.0048, warmup_epochs=10, weight_decay=1e-6,
                       decay_all_params=0, lr_schedule="iter", hidden_dim=2048),
     "classic": dict(optimizer="sgd", lr=0.03, min_lr=0.0, warmup_epochs=0, weight_decay=1e-4,
-                    decay_all_params=1, lr_schedule="epoch", hidden_dim=None),  # None: = feature dim
+                    decay_all_params=1, lr_schedule="epoch", hidden_dim=0),  # 0: the backbone's feature size
 }
+PAPER_EPOCHS = 200
+# Settings of this machine and command, never taken from a checkpoint.
+THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export"}
+# Settings a resumed run may change when typed again; every other one is compared with the checkpoint's.
+RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs"}  # a moved --data: its size is checked
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("MoCo-v2 pre-training (SSLight recipes)", add_help=True,
+    parser = argparse.ArgumentParser("MoCo-v2 pre-training (SSLight recipes)",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    training.add_common_args(parser, "moco", default_arch="mobilenet_v2")  # paper: MoCo on MNv2 only
-    m = parser.add_argument_group("MoCo (spec §2.2; --recipe classic = 2-view MoCo-v2; None = the recipe's value)")
+    r = parser.add_argument_group("run")
+    r.add_argument("--arch", default="mobilenet_v2", choices=backbones.ARCHS, help="the paper ran MoCo on mobilenet_v2")
+    r.add_argument("--data", default="synthetic", help=views.DATA_HELP)
+    r.add_argument("--output-dir", default=None, help="default runs/moco-<arch>; a rerun resumes from its checkpoint")
+    r.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help="paper 200. More on a finished run extends it")
+    r.add_argument("--batch-size", type=int, default=128, help="per process; paper 128 x 8 GPUs = 1024")
+    r.add_argument("--workers", type=int, default=None,
+                   help="loader processes per process; default: the node's cores / processes per node, at most 8")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    r.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="autocast: auto = bf16 on GPUs of compute capability >= 8.0, fp16 (+ GradScaler) below, "
+                        "off on the CPU; the paper trained in fp32. The logits and the loss stay fp32")
+    r.add_argument("--log-every", type=int, default=20, help="steps between progress updates (each is one host sync)")
+    r.add_argument("--export", default=None, metavar="PATH",
+                   help="write the query backbone's state_dict (MoCo's encoder_q; torchvision's format for CNNs) "
+                        "to PATH at the end; on a finished run only --output-dir is needed")
+    r.add_argument("--eval-data", default=None, help="kNN monitor (k 20, T 0.07): a root with train/ and val/ "
+                                                     "image folders, cifar10, or synthetic; epoch 0 = untrained")
+    r.add_argument("--eval-every", type=int, default=1, help="epochs between kNN evaluations (and the last one)")
+    views.add_view_args(parser)
+    m = parser.add_argument_group("MoCo (None = the recipe's value; --recipe classic = 2-view MoCo-v2 as published)")
     m.add_argument("--dim", type=int, default=128, help="embedding size")
     m.add_argument("--hidden-dim", type=int, default=None,
-                   help="head hidden width: multi-crop 2048; classic = the backbone's feature size (MoCo-v2's fc hack)")
+                   help="head hidden width: multi-crop 2048; classic 0 = the backbone's feature size (MoCo-v2's mlp)")
     m.add_argument("--queue-size", type=int, default=65536,
-                   help="negatives K. Keys older than a few epochs are stale: on small data sets use 4096-16384 "
-                        "(the MoCo CIFAR demo uses 4096). Need not divide the global batch (the queue wraps)")
+                   help="negatives K, >= the global batch (the queue wraps). Keys older than a few epochs are stale: "
+                        "on small data sets use 4096-16384 (official MoCo's CIFAR demo uses 4096)")
     m.add_argument("--temperature", type=float, default=0.2, help="T: MoCo-v2 0.2 (v1 0.07)")
     m.add_argument("--momentum", type=float, default=0.999,
                    help="constant key-encoder EMA momentum; 0.99 for short runs or small data sets")
     m.add_argument("--bn-splits", type=int, default=8,
-                   help="single process only: key BN statistics over this many shuffled sub-batches "
-                        "(clamped to divide the batch, >= 2 images each). Aim for >= 32 images per split")
+                   help="one process: the key encoder's BN statistics over this many shuffled sub-batches (official "
+                        "MoCo's CIFAR demo), clamped to divide the batch with >= 2 images each; aim for >= 32 each")
     m.add_argument("--key-sync-bn", type=int, choices=[0, 1], default=1,
-                   help="torchrun on CUDA: SyncBN in the key encoder too (paper 1, spec §6.3); 0 = official MoCo: "
-                        "per-GPU BN on the shuffled batch, the stricter guard against BN cheating")
-    o = parser.add_argument_group("optimisation (spec §2.0, §2.2)")
+                   help="torchrun on CUDA: 1 (paper) = SyncBN in the key encoder too, keys normalised with global "
+                        "batch statistics (no shuffle needed); 0 = official MoCo: per-GPU BN on a batch shuffled "
+                        "across GPUs")
+    o = parser.add_argument_group("optimisation (None = the recipe's value)")
     o.add_argument("--optimizer", default=None, choices=["lars", "sgd", "adamw"], help="multi-crop lars, classic sgd")
     o.add_argument("--lr", type=float, default=None,
-                   help="base lr per 256 images (peak = lr * global batch / 256): multi-crop 0.48 (peak 1.92 "
-                        "at 1024), classic 0.03 (0.0075 for batch 64 on 2 GPUs, moco#47)")
-    o.add_argument("--min-lr", type=float, default=None, help="end of the cosine (not scaled): multi-crop 0.0048, classic 0")
-    o.add_argument("--warmup-epochs", type=int, default=None, help="linear warm-up from 0: multi-crop 10, classic 0")
+                   help="base lr per 256 images (peak = lr * global batch / 256): multi-crop 0.48 (1.92 at 1024), "
+                        "classic 0.03")
+    o.add_argument("--min-lr", type=float, default=None, help="cosine end (unscaled): multi-crop 0.0048, classic 0")
+    o.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear lr warm-up from 0: multi-crop the paper's 10 of 200 epochs (5%% of a shorter run), "
+                        "classic 0")
     o.add_argument("--lr-schedule", default=None, choices=["iter", "epoch"],
-                   help="cosine updated every iteration (multi-crop) or once per epoch (classic)")
+                   help="the cosine updated every iteration (multi-crop) or once per epoch (classic)")
     o.add_argument("--weight-decay", type=float, default=None, help="constant: multi-crop 1e-6, classic 1e-4")
     o.add_argument("--decay-all-params", type=int, choices=[0, 1], default=None,
-                   help="1: one group, decay on BN and biases too (classic); 0: the paper's 3 groups (spec §2.0)")
+                   help="1: one group, decay on BN and biases too (classic); 0: SSLight's 3 groups (multi-crop)")
     return parser
 
 
-def resolve_defaults(args):
+def resolve_config(args, given, world_size, saved=None):
+    """The run's whole configuration, once: flags + the recipe's defaults + the view recipe.
+    On a resume it is the checkpoint's, with the flags typed now checked against it."""
+    if saved is not None:
+        plain = lambda v: tuple(v) if isinstance(v, list) else v
+        changed = {k: (saved[k], getattr(args, k)) for k in sorted(given - RESUMABLE)
+                   if plain(getattr(args, k)) != plain(saved[k])}
+        if saved["world_size"] != world_size:
+            changed["processes"] = (saved["world_size"], world_size)
+        if changed:
+            raise UserError("this run was trained with other settings; use another --output-dir or the same flags: "
+                            + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items()))
+        config = dict(saved, **{k: getattr(args, k) for k in THIS_RUN | (given & RESUMABLE)})
+        return types.SimpleNamespace(**config)
+    recipe = views.get_recipe("moco", args.recipe, backbones.is_vit(args.arch), global_size=args.global_size,
+                              local_size=args.local_size, local_crops=args.local_crops, global_scale=args.global_scale,
+                              local_scale=args.local_scale, loss_weights=args.loss_weights)
+    config = dict(vars(args), world_size=world_size)
     for key, value in PAPER_DEFAULTS["classic" if args.recipe == "classic" else "multicrop"].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    return args
+        if config[key] is None:
+            config[key] = value
+    if args.warmup_epochs is None:  # the warm-up keeps the fraction of the run it has in the paper
+        config["warmup_epochs"] *= min(1.0, args.epochs / PAPER_EPOCHS)
+    config.update(global_size=recipe.global_size, local_size=recipe.local_size, local_crops=recipe.local_crops,
+                  global_scale=recipe.global_scale, local_scale=recipe.local_scale, loss_weights=recipe.alpha_beta)
+    if backbones.is_vit(args.arch) and (recipe.global_size % 16 or recipe.local_crops and recipe.local_size % 16):
+        raise UserError(f"{args.arch} needs crops in multiples of its 16 px patches, not {recipe.global_size} / "
+                        f"{recipe.local_size} px: use --global-size 224 or 112 (locals 128 / 64), or set --local-size")
+    for name in ("epochs", "batch_size", "dim", "queue_size", "bn_splits", "log_every", "eval_every"):
+        if config[name] < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {config[name]}")
+    if config["lr"] <= 0 or config["temperature"] <= 0 or config["hidden_dim"] < 0:
+        raise UserError("--lr and --temperature must be > 0, --hidden-dim >= 0")
+    if not 0 <= config["momentum"] <= 1 or not 0 <= config["warmup_epochs"] <= config["epochs"]:
+        raise UserError("--momentum must be in [0, 1] and --warmup-epochs in [0, --epochs]")
+    if config["queue_size"] < config["batch_size"] * world_size:  # one step's keys must fit in the queue
+        raise UserError(f"--queue-size {config['queue_size']} is smaller than the global batch "
+                        f"{config['batch_size'] * world_size} (--batch-size x processes)")
+    return types.SimpleNamespace(**config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +152,7 @@ def resolve_defaults(args):
 # ----------------------------------------------------------------------------------------------
 
 class MoCoHead(nn.Module):
-    """Linear(in -> hidden) -> ReLU -> Linear(hidden -> dim), no BN, then L2-normalised (spec §2.2).
+    """Linear(in -> hidden) -> ReLU -> Linear(hidden -> dim), no BN, L2-normalised (SSLight's MOCOHead).
     The paper initialises it trunc-normal(0.02); MoCo-v2 keeps PyTorch's default Linear init."""
 
     def __init__(self, in_dim, hidden_dim, out_dim, trunc_normal_init=True):
@@ -93,7 +164,7 @@ class MoCoHead(nn.Module):
                 nn.init.zeros_(layer.bias)
 
     def forward(self, x):
-        return F.normalize(self.mlp(x).float(), dim=-1)  # normalised in fp32: the logits are divided by 0.2
+        return F.normalize(self.mlp(x).float(), dim=-1)  # normalised in fp32: the logits are divided by T = 0.2
 
 
 class MoCoNet(nn.Module):
@@ -104,38 +175,37 @@ class MoCoNet(nn.Module):
         self.backbone, self.head = backbone, head
 
     def forward(self, crops):
-        # Backbone once per resolution group (g2 alone, then the locals), head once (spec §2.2).
-        return self.head(multicrop_features(self.backbone, crops))
+        # The backbone once per resolution group (g2 alone, then the locals), the head once (SSLight's MoCo).
+        return self.head(backbones.multicrop_features(self.backbone, crops))
 
 
-def build_moco_net(args):
-    backbone = build_backbone(args.arch)
-    head = MoCoHead(backbone.feat_dim, args.hidden_dim or backbone.feat_dim, args.dim,
-                    trunc_normal_init=args.recipe != "classic")
-    return MoCoNet(backbone, head)
+def build_moco_net(arch, dim, hidden_dim, trunc_normal_init=True):
+    """hidden_dim 0: the backbone's feature size (official MoCo's --mlp: Linear(2048, 2048) on a ResNet-50)."""
+    backbone = backbones.build_backbone(arch)
+    return MoCoNet(backbone, MoCoHead(backbone.feat_dim, hidden_dim or backbone.feat_dim, dim, trunc_normal_init))
 
 
 class MoCoQueue(nn.Module):
-    """dim x K keys, random-normal then L2-normalised at init (spec §2.2), and the write pointer.
-    A module of its own, OUTSIDE the DDP model: inside, DDP would re-broadcast these 32 MB from
-    rank 0 every forward (official_repos §1.2). Every rank enqueues the same all-gathered keys, so
-    the copies stay identical; the init uses its own seeded generator for the same reason."""
+    """dim x K keys, random-normal then L2-normalised at init (official MoCo), and the write pointer.
+    A module of its own, OUTSIDE the DDP model: inside, DDP would re-broadcast these 32 MB from rank 0
+    every forward. Every rank enqueues the same all-gathered keys, so the copies stay identical; the init
+    uses its own seeded generator for the same reason."""
 
     def __init__(self, dim, size, seed=0):
         super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.register_buffer("queue", F.normalize(torch.randn(dim, size, generator=g), dim=0))
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("keys", F.normalize(torch.randn(dim, size, generator=generator), dim=0))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def enqueue(self, keys):
-        """Write (n, dim) keys at the pointer, wrapping around the end, so K need not be a multiple
-        of the global batch. Index arithmetic on the device: no host sync per step."""
-        size = self.queue.shape[1]
+        """Write (n, dim) keys at the pointer, wrapping around the end, so K need not be a multiple of the
+        global batch (official MoCo asserts it is). Index arithmetic on the device: no host sync per step."""
+        size = self.keys.shape[1]
         if len(keys) > size:
             raise ValueError(f"{len(keys)} keys per step exceed the queue size {size}; raise --queue-size")
         index = (self.ptr + torch.arange(len(keys), device=keys.device)) % size
-        self.queue.index_copy_(1, index, keys.T.to(self.queue.dtype))
+        self.keys.index_copy_(1, index, keys.T.to(self.keys.dtype))
         self.ptr.copy_((self.ptr + len(keys)) % size)
 
 
@@ -152,9 +222,9 @@ def moco_logits(q, k, queue, temperature):
 
 
 def moco_loss(logits, n_queries, alpha, beta):
-    """alpha * CE(g2 vs key g1) + beta * mean_i CE(local_i vs key g1), target index 0 (spec §1.3).
-    With alpha = 1/(1+n), beta = n/(1+n) (baseline) this is the plain mean over the 1 + n queries;
-    with no locals it is CE(g2) alone."""
+    """alpha * CE(g2 vs key g1) + beta * mean_i CE(local_i vs key g1), target index 0 (SSLight's
+    src/sslight/utils/loss.py MOCOLoss). With alpha = 1/(1+n), beta = n/(1+n) (baseline) this is the plain
+    mean over the 1 + n queries; with no locals it is CE(g2) alone."""
     target = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
     ce = F.cross_entropy(logits.float(), target, reduction="none").view(n_queries, -1).mean(1)
     if n_queries == 1:
@@ -163,186 +233,532 @@ def moco_loss(logits, n_queries, alpha, beta):
 
 
 # ----------------------------------------------------------------------------------------------
-# Keys without BN cheating: shuffle-BN across GPUs, split-BN in one process
+# Keys without BN cheating: which guard, split-BN in one process, shuffle-BN across processes
 # ----------------------------------------------------------------------------------------------
-# A query and its positive key must not share BN statistics: the batch statistics leak which
-# samples sit together and the network learns that "signature" instead of the images (MoCo §3.3;
-# moco#46). Official MoCo shuffles the key batch across GPUs; it refuses to run on one GPU. In one
-# process we shuffle and run the key encoder on --bn-splits sub-batches (MoCo's CIFAR demo,
-# SplitBatchNorm): a key's BN statistics then come from a random subset, not from the images its
-# query was normalised with. The extra small key passes cost little (the key encoder sees g1 only);
-# its running statistics are never used (kNN, export and linear_eval read the query encoder).
+# MoCo paper (He et al., CVPR 2020) §3.3, shuffling BN: a query and its positive key must not be normalised with
+# the statistics of the same small group of images. Those statistics leak which samples sit together, and the
+# network learns that "signature" instead of the images. Official MoCo shuffles the key batch across GPUs
+# (per-GPU BN then mixes other images into each key's statistics); on one GPU its CIFAR demo splits a shuffled
+# batch into sub-batches. The key encoder's running statistics are never used (kNN, --export and linear_eval.py
+# read the query encoder).
+
+def key_bn_mode(has_bn, world_size, key_sync_bn):
+    """How the key encoder's BN sees the batch:
+    none:    no BN (ViTs): a plain forward, there are no statistics to leak;
+    sync:    SyncBatchNorm (CUDA, several processes, --key-sync-bn 1): a plain forward. Every key is normalised
+             with the mean and variance of the whole global batch; permuting that batch over the GPUs leaves
+             the set, hence every statistic and every key, unchanged, so the paper's shuffle on top of SyncBN
+             (SSLight's moco.py) would only cost an all-gather of every process's images. The query and its
+             positive key still share the current batch's statistics, which the queued negatives (older
+             batches) lack (official MoCo issue #46): --key-sync-bn 0 is the stricter guard;
+    shuffle: per-process BN, several processes: shuffle-BN across them (official MoCo);
+    split:   per-process BN, one process: BN over shuffled sub-batches (official MoCo's CIFAR demo)."""
+    if not has_bn:
+        return "none"
+    if world_size > 1:
+        return "sync" if key_sync_bn else "shuffle"
+    return "split"
+
+
+def clamp_bn_splits(bn_splits, batch_size):
+    """The largest divisor of the batch <= bn_splits that leaves >= 2 images per split (BN needs 2)."""
+    return max(d for d in range(1, max(1, min(bn_splits, batch_size // 2)) + 1) if batch_size % d == 0)
+
 
 def split_bn_keys(key_encoder, images, bn_splits):
+    """Shuffle, run the key encoder on bn_splits sub-batches, unshuffle: a key's BN statistics come from a
+    random subset of the batch, not from the images its query was normalised with."""
     perm = torch.randperm(len(images), device=images.device)
     keys = torch.cat([key_encoder([chunk]) for chunk in images[perm].chunk(bn_splits)])
     return keys[torch.argsort(perm)]
 
 
 def shuffle_bn_keys(key_encoder, images):
-    """Gather all ranks' images, apply rank 0's permutation, run this rank's slice, gather the keys
-    and undo the permutation with argsort; each rank returns the keys of its own images."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    all_images = training.concat_all_gather(images)
+    """Gather all ranks' images, apply rank 0's permutation, run this rank's slice, gather the keys and
+    undo the permutation with argsort; each rank returns the keys of its own images (official MoCo)."""
+    world_size, rank = dist.get_world_size(), dist.get_rank()
+    all_images = all_gather_cat(images)
     perm = torch.randperm(len(all_images), device=images.device)
     dist.broadcast(perm, src=0)  # one permutation for everyone
-    keys = training.concat_all_gather(key_encoder([all_images[perm.view(world, -1)[rank]]]))
-    return keys[torch.argsort(perm)].view(world, len(images), -1)[rank]
+    keys = all_gather_cat(key_encoder([all_images[perm.view(world_size, -1)[rank]]]))
+    return keys[torch.argsort(perm)].view(world_size, len(images), -1)[rank]
 
 
-def moco_forward(query_encoder, key_encoder, crops, bn_splits):
-    """-> queries (n_queries * B, dim) of [g2, l1..ln] and keys (B, dim) of g1: g1 is the ONLY
-    key and never a query (spec §1.3). bn_splits = 0: the key encoder has no BN (plain forward)."""
+def moco_forward(query_encoder, key_encoder, crops, key_bn, bn_splits):
+    """-> queries (n_queries * B, dim) of [g2, l1..ln] and keys (B, dim) of g1: g1 is the ONLY key and
+    never a query (SSLight's MoCo). key_bn: a mode of key_bn_mode; bn_splits is used by "split" only."""
     with torch.no_grad():
-        if not bn_splits:
-            k = key_encoder(crops[:1])
-        elif training.distributed() and dist.get_world_size() > 1:
-            k = shuffle_bn_keys(key_encoder, crops[0])
-        else:
+        if key_bn == "split":
             k = split_bn_keys(key_encoder, crops[0], bn_splits)
+        elif key_bn == "shuffle":
+            k = shuffle_bn_keys(key_encoder, crops[0])
+        else:  # none, sync
+            k = key_encoder(crops[:1])
     return query_encoder(crops[1:]), k
-
-
-def clamp_bn_splits(bn_splits, batch_size, log):
-    """Largest divisor of the batch <= bn_splits that leaves >= 2 images per split (BN needs 2)."""
-    splits = max(d for d in range(1, max(1, min(bn_splits, batch_size // 2)) + 1) if batch_size % d == 0)
-    if splits != bn_splits:
-        log(f"note: --bn-splits {bn_splits} -> {splits} ({batch_size // splits} images each)")
-    return splits
 
 
 @torch.no_grad()
 def ema_update(key_params, query_params, momentum):
-    """key = m * key + (1 - m) * query, parameters only (the key encoder's BN buffers come from
-    its own train-mode forward), one foreach call."""
+    """key = m * key + (1 - m) * query, parameters only (the key encoder's BN buffers come from its own
+    train-mode forward). torch._foreach_lerp_: the whole list in one kernel (torch's optimizers use it)."""
     torch._foreach_lerp_(key_params, query_params, 1.0 - momentum)
+
+
+def export_backbone(state_dict, path, arch):
+    """The query backbone's weights alone: for CNNs they load into torchvision.models.<arch>() with only the
+    classifier keys missing; for ViTs into backbones.build_backbone(arch)."""
+    state_dict = {k[len("backbone."):]: v.cpu() for k, v in state_dict.items() if k.startswith("backbone.")}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(state_dict, path)
+    print(f"exported the {arch} backbone ({len(state_dict)} tensors) to {path}")
 
 
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
 
-def main(args):
-    run = training.setup_run(args)
-    resolve_defaults(args)
-    recipe = training.recipe_from_args(args, "moco")
-    alpha, beta = recipe.alpha_beta
-    n_queries = 1 + recipe.local_crops  # g2 + every local crop
-    checkpoint_path = training.prepare_output_dir(args, "moco", run)
-    log = print if run.main else (lambda *a, **k: None)
-    if args.data in (None, "synthetic"):
-        log("training on the built-in synthetic shapes demo set (pass --data DIR for real images)")
-    log(f"MoCo-v2 {args.arch} ({args.recipe}) | world {run.world} on {run.device} | views: {describe(recipe)}")
-    if args.queue_size < args.batch_size * run.world:
-        raise SystemExit(f"--queue-size {args.queue_size} is smaller than the global batch {args.batch_size * run.world}")
+def main(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    rank, world_size, device = init_distributed(args.device, args.seed)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    output_dir = args.output_dir or os.path.join("runs", f"moco-{args.arch}")
+    checkpoint_path = os.path.join(output_dir, "checkpoint.pth")
+    if rank == 0:
+        lock_output_dir(output_dir)
+    checkpoint = load_checkpoint(checkpoint_path, log)
+    config = resolve_config(args, given_flags(parser, argv), world_size, checkpoint and checkpoint["config"])
+    config.amp, amp_note = resolve_amp(config.amp, device)
+    config.workers = loader_workers(config.workers)
+    amp = config.amp
+    done = checkpoint["epoch"] if checkpoint else 0
+    if checkpoint and config.epochs < done:
+        raise UserError(f"{checkpoint_path} has {done} finished epochs; --epochs {config.epochs} cannot shorten it")
+    if checkpoint and done == config.epochs:
+        log(f"this run is finished: {done} epochs; checkpoint {checkpoint_path}, log {output_dir}/log.jsonl")
+        if config.export and rank == 0:
+            export_backbone(checkpoint["query_encoder"], config.export, config.arch)
+        return dict(checkpoint=checkpoint)
+    if checkpoint and config.epochs != checkpoint["config"]["epochs"]:
+        log(f"extending the run from {checkpoint['config']['epochs']} to {config.epochs} epochs: "
+            f"the lr schedule is recomputed for {config.epochs}")
+    alpha, beta = config.loss_weights
+    n_queries = 1 + config.local_crops  # g2 + every local crop
+    log(f"MoCo-v2 {config.arch} ({config.recipe}) | {world_size} process(es) on {device}, amp {amp} {amp_note}| "
+        f"views: global {config.global_size}px {config.global_scale}, {config.local_crops} local "
+        f"{config.local_size}px {config.local_scale}, loss weights gg {alpha:.3f} gl {beta:.3f}")
+    log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(config).items())))
 
-    # ============ data ============
-    dataset = training.build_dataset(args.data, MultiCropTransform(recipe))
-    loader = training.build_train_loader(dataset, args, run)
-    iters_per_epoch = args.iters_per_epoch = len(loader)  # a resume must see the same count
-    log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {args.batch_size} x {run.world}")
+    # ============ data (every path and size is checked before the first step) ============
+    recipe = views.get_recipe("moco", config.recipe, backbones.is_vit(config.arch), **{
+        k: getattr(config, k) for k in ("global_size", "local_size", "local_crops", "global_scale", "local_scale")},
+        loss_weights=config.loss_weights)
+    if rank != 0:
+        barrier()  # rank 0 downloads a named data set first
+    dataset = views.build_dataset(config.data, views.MultiCropTransform(recipe), download=rank == 0)
+    eval_transform = views.eval_transform(config.global_size)
+    eval_sets = config.eval_data and views.build_eval_datasets(config.eval_data, eval_transform, download=rank == 0)
+    if rank == 0:
+        barrier()
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=config.seed,
+                                                  drop_last=True)
+    loader = torch.utils.data.DataLoader(dataset, config.batch_size, sampler=sampler, num_workers=config.workers,
+                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         persistent_workers=config.workers > 0,
+                                         prefetch_factor=2 if config.workers > 0 else None)
+    iters_per_epoch = len(loader)
+    if iters_per_epoch == 0:
+        raise UserError(f"{len(dataset)} images give {len(sampler)} per process, fewer than --batch-size "
+                        f"{config.batch_size}")
+    if checkpoint and checkpoint["num_images"] != len(dataset):
+        raise UserError(f"--data {config.data} now has {len(dataset)} images, the run was trained on "
+                        f"{checkpoint['num_images']}: use the same data or another --output-dir")
+    log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {config.batch_size} x {world_size}")
 
     # ============ query and key encoders, queue ============
-    query_encoder, key_encoder = build_moco_net(args), build_moco_net(args)
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in query_encoder.modules())
-    bn_splits = 0  # keys: no BN, nothing to guard
-    if has_bn:  # one process: split-BN; torchrun: shuffle-BN across ranks (bn_splits unused)
-        bn_splits = clamp_bn_splits(args.bn_splits, args.batch_size, log) if run.world == 1 else 1
-    # The paper converts both encoders to SyncBN and still shuffles (spec §2.2, §6.3).
-    query_encoder, memory_format = training.to_device(query_encoder, run, args.arch)
-    key_encoder, _ = training.to_device(key_encoder, run, args.arch, sync_bn=bool(args.key_sync_bn))
-    # DDP broadcasts rank 0's query encoder; the key encoder starts as a copy of it and is not
+    moco_net = lambda: build_moco_net(config.arch, config.dim, config.hidden_dim, config.recipe != "classic")
+    memory_format = backbones.memory_format(config.arch, device)
+    query_encoder = backbones.sync_batchnorm(moco_net(), device, world_size).to(device, memory_format=memory_format)
+    key_encoder = moco_net()
+    if config.key_sync_bn:  # the paper converts the key encoder to SyncBN too
+        key_encoder = backbones.sync_batchnorm(key_encoder, device, world_size)
+    key_encoder = key_encoder.to(device, memory_format=memory_format)
+    # DDP broadcasts rank 0's query encoder to every rank; the key encoder starts as a copy of it and is not
     # DDP-wrapped (it gets no gradient: it is an EMA of the query encoder).
-    query_ddp = nn.parallel.DistributedDataParallel(query_encoder) if run.world > 1 else query_encoder
+    query_ddp = nn.parallel.DistributedDataParallel(query_encoder) if world_size > 1 else query_encoder
     key_encoder.load_state_dict(query_encoder.state_dict())
     key_encoder.requires_grad_(False)
-    memory = MoCoQueue(args.dim, args.queue_size, seed=args.seed).to(run.device)
+    queue = MoCoQueue(config.dim, config.queue_size, seed=config.seed).to(device)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in key_encoder.modules())
+    key_bn = key_bn_mode(has_bn, world_size, any(isinstance(m, nn.SyncBatchNorm) for m in key_encoder.modules()))
+    bn_splits = clamp_bn_splits(config.bn_splits, config.batch_size) if key_bn == "split" else 1
+    log(f"key encoder BN: {key_bn}" + (f", {bn_splits} shuffled sub-batches of {config.batch_size // bn_splits}"
+                                       if key_bn == "split" else ""))
 
-    # ============ optimizer and schedules (one value per iteration) ============
-    if args.decay_all_params:  # MoCo-v2: weight decay on every parameter, BN and biases included
-        groups = [dict(params=list(query_encoder.parameters()), wd_factor=1.0, lars_exclude=False)]
+    # ============ optimizer and schedule (one lr per iteration; weight decay and momentum are constant) ============
+    groups = param_groups([query_encoder], decay_all=bool(config.decay_all_params))
+    if config.optimizer == "lars":
+        optimizer = LARS(groups)
+    elif config.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
     else:
-        groups = training.param_groups(query_encoder)
-    optimizer = training.build_optimizer(args.optimizer, groups, run)
-    scaler = training.grad_scaler(run, args.amp)
-    warmup_epochs = training.clamp_warmup("--warmup-epochs", args.warmup_epochs, args.epochs, log)
-    peak_lr = args.lr * args.batch_size * run.world / 256
-    if args.lr_schedule == "iter":
-        lr_schedule = training.cosine_schedule(peak_lr, args.min_lr, args.epochs, iters_per_epoch, warmup_epochs)
-    else:  # MoCo-v2's lr * 0.5 * (1 + cos(pi * epoch / epochs)), held for the whole epoch
-        per_epoch = training.cosine_schedule(peak_lr, args.min_lr, args.epochs, 1, warmup_epochs)
+        optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    peak_lr = config.lr * config.batch_size * world_size / 256
+    if config.lr_schedule == "iter":
+        lr_schedule = cosine_schedule(peak_lr, config.min_lr, config.epochs, iters_per_epoch, config.warmup_epochs)
+    else:  # official MoCo's lr * 0.5 * (1 + cos(pi * epoch / epochs)), held for the whole epoch
+        per_epoch = cosine_schedule(peak_lr, config.min_lr, config.epochs, 1, config.warmup_epochs)
         lr_schedule = [lr for lr in per_epoch for _ in range(iters_per_epoch)]
     query_params, key_params = list(query_encoder.parameters()), list(key_encoder.parameters())
+    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
+    knn = lambda: knn_monitor(query_encoder.backbone, *eval_sets, 256, config.workers, device, rank, world_size,
+                              autocast, memory_format)
 
-    # ============ resume ============
-    start_epoch, start_step = 0, 0
-    extra_keys = ("dim", "hidden_dim", "queue_size")
-    checkpoint = training.load_for_resume(checkpoint_path, args, run, extra_keys=extra_keys)
-    if checkpoint is not None:
+    # ============ resume, or the untrained network's kNN as epoch 0 ============
+    if checkpoint:
         query_encoder.load_state_dict(checkpoint["query_encoder"])
         key_encoder.load_state_dict(checkpoint["key_encoder"])
-        memory.load_state_dict(dict(queue=checkpoint["queue"], ptr=checkpoint["queue_ptr"]))
+        queue.load_state_dict(checkpoint["queue"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"]:  # empty unless saved under --amp fp16 (switching --amp is allowed)
+        if checkpoint["scaler"]:  # empty unless saved under fp16 (switching --amp is allowed)
             scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, start_step = checkpoint["epoch"], checkpoint["step_in_epoch"]
-        log(f"resumed from {checkpoint_path}: epoch {start_epoch}, step {start_step} of {iters_per_epoch}")
+        history = checkpoint["history"]
+        log(f"resumed from {checkpoint_path} after epoch {done} of {config.epochs}")
     else:
-        log("arguments:\n" + training.format_args(args))
+        history = [dict(epoch=0, **knn())] if eval_sets else []
+        if history:
+            log(f"epoch 0 (untrained): kNN top-1 {history[0]['knn_top1']:.2f} %")
+    if rank == 0:
+        with open(os.path.join(output_dir, "args.json"), "w") as f:
+            json.dump(vars(config), f, indent=2)  # written only once the settings have passed the checks
 
-    def save(epoch, step_in_epoch):
-        if run.main:
-            training.save_checkpoint(dict(
-                method="moco", settings=training.resume_settings(args, run, extra_keys), args=vars(args),
-                query_encoder=query_encoder.state_dict(), key_encoder=key_encoder.state_dict(),
-                queue=memory.queue, queue_ptr=memory.ptr, optimizer=optimizer.state_dict(),
-                scaler=scaler.state_dict(), epoch=epoch, step_in_epoch=step_in_epoch), checkpoint_path)
-
-    json_log = training.JsonLog(args.output_dir, run)
-    for epoch in range(start_epoch, args.epochs):
+    for epoch in range(done, config.epochs):
         # ============ one epoch of MoCo ============
-        loader.sampler.set_epoch(epoch)
-        loader.sampler.skip_batches = start_step
-        query_encoder.train(), key_encoder.train()  # the key encoder's BN uses (shuffled) batch stats
-        progress = training.EpochProgress(args, run, epoch, start_step, iters_per_epoch, checkpoint_path)
-        for i, (crops, _) in enumerate(loader, start=start_step):
-            it = epoch * iters_per_epoch + i  # global iteration: index into the schedules
+        sampler.set_epoch(epoch)
+        query_encoder.train(), key_encoder.train()  # the key encoder's BN uses batch statistics (guarded above)
+        sums = torch.zeros(3, device=device)  # loss, contrastive top-1, embedding std
+        start = time.time()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0, dynamic_ncols=True)
+        for i, (crops, _) in enumerate(bar):
+            it = epoch * iters_per_epoch + i  # global iteration: index into the schedule
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule[it]
-                group["weight_decay"] = args.weight_decay * group["wd_factor"]
-            crops = [c.to(run.device, non_blocking=True, memory_format=memory_format) for c in crops]
+                group["weight_decay"] = config.weight_decay * group["wd_factor"]
+            crops = [views.normalize(c, device, memory_format) for c in crops]  # uint8 -> float on the device
 
-            ema_update(key_params, query_params, args.momentum)  # before the keys, as MoCo (spec §2.2)
-            with training.autocast(run, args.amp):
-                q, k = moco_forward(query_ddp, key_encoder, crops, bn_splits)
-            logits = moco_logits(q.float(), k.float(), memory.queue, args.temperature)  # fp32: / T = 0.2
+            ema_update(key_params, query_params, config.momentum)  # before the keys, as official MoCo
+            with autocast:
+                q, k = moco_forward(query_ddp, key_encoder, crops, key_bn, bn_splits)
+            logits = moco_logits(q.float(), k.float(), queue.keys, config.temperature)  # fp32: divided by T
             loss = moco_loss(logits, n_queries, alpha, beta)
 
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            # After backward: the matmul above saved the queue, an in-place write before would break it.
-            memory.enqueue(training.concat_all_gather(k))  # every rank's keys, in rank order
+            # After backward: the matmul above saved the queue for it, an in-place write before would break it.
+            queue.enqueue(all_gather_cat(k))  # every rank's keys, in rank order
 
-            accuracy = (logits.detach().argmax(1) == 0).float().mean()  # instance discrimination top-1
-            if progress.update(it, lr_schedule[it], loss=loss, acc=accuracy):
-                save(epoch, i + 1)
+            # Instance-discrimination top-1 (the positive beats all K negatives), and the collapse signal: the
+            # per-dimension std of the L2-normalised keys, ~1/sqrt(dim) when spread, ~0 when all are the same.
+            accuracy = (logits.detach().argmax(1) == 0).float().mean()
+            sums += torch.stack([loss.detach(), accuracy, k.float().std(0).mean()])
+            del q, k, logits, loss  # free them before the next forward's peak
+            if (i + 1) % config.log_every == 0 or i + 1 == iters_per_epoch:  # the one host sync
+                means = (all_reduce_sum(sums.clone()) / ((i + 1) * world_size)).tolist()
+                if not math.isfinite(means[0]):
+                    raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; the last good "
+                                     f"checkpoint is kept in {checkpoint_path}. Try --amp off or a lower --lr")
+                bar.set_postfix(loss=f"{means[0]:.4f}", acc=f"{means[1]:.3f}", lr=f"{lr_schedule[it]:.2e}",
+                                img_s=round((i + 1) * config.batch_size * world_size / (time.time() - start), 1))
 
-        # ============ end of epoch: log, monitor, checkpoint ============
-        record = dict(epoch=epoch + 1, **progress.close(it), lr=lr_schedule[it], wd=args.weight_decay,
-                      momentum=args.momentum)
-        record.update(training.knn_eval_if_due(query_encoder.backbone, args, run, epoch))
-        log(json.dumps(record))
-        json_log.write(**record)
-        save(epoch + 1, 0)
-        start_step = 0
+        # ============ end of epoch: record, monitor, checkpoint ============
+        chance_loss = math.log(config.queue_size + 1)  # the positive no better than a negative
+        record = dict(epoch=epoch + 1, loss=means[0], contrastive_top1=round(100 * means[1], 2),
+                      embedding_std=means[2], chance_loss=chance_loss, lr=lr_schedule[it],
+                      wd=config.weight_decay, momentum=config.momentum,
+                      img_per_s=round(iters_per_epoch * config.batch_size * world_size / (time.time() - start), 1))
+        if eval_sets and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+            record.update(knn())
+        history.append(record)
+        untrained = f" (untrained {history[0]['knn_top1']:.2f})" if history[0]["epoch"] == 0 else ""
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {means[0]:.4f} (ln(K+1) {chance_loss:.3f}), contrastive top-1 "
+            f"{100 * means[1]:.1f} %, key std {means[2]:.4f} (~{1 / math.sqrt(config.dim):.3f} healthy)"
+            + (f", kNN top-1 {record['knn_top1']:.2f} %{untrained}" if "knn_top1" in record else ""))
+        same_keys, at_chance = means[2] < 0.05 / math.sqrt(config.dim), means[0] >= 0.99 * chance_loss
+        if same_keys or at_chance:
+            what = "every image gives the same key" if same_keys else "the positive is no better than a negative"
+            log(f"collapse: {what} (key std {means[2]:.2e}, loss {means[0]:.3f} of ln(K+1) {chance_loss:.3f}). "
+                "Usually fixed by a lower --lr, a lower --momentum (0.99) on short runs, --temperature 0.2, or a "
+                "smaller --queue-size on small data sets (stale keys)")
+        if rank == 0:
+            save_checkpoint(dict(method="moco", config=vars(config), epoch=epoch + 1, num_images=len(dataset),
+                                 history=history, query_encoder=query_encoder.state_dict(),
+                                 key_encoder=key_encoder.state_dict(), queue=queue.state_dict(),
+                                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict()), checkpoint_path)
+            write_log(os.path.join(output_dir, "log.jsonl"), history)
 
-    if args.export and run.main:
-        training.export_backbone(training.strip_prefix(query_encoder.state_dict(), "backbone."), args.export, args.arch)
-    training.cleanup()
-    return dict(query_encoder=query_encoder, key_encoder=key_encoder, queue=memory)
+    if config.export and rank == 0:
+        export_backbone(query_encoder.state_dict(), config.export, config.arch)
+    barrier()
+    return dict(query_encoder=query_encoder, key_encoder=key_encoder, queue=queue, history=history)
+
+
+# ---- plumbing: identical in dino.py, moco_v2.py, swav.py, linear_eval.py (tests/test_plumbing.py) ----
+# Distributed setup and collectives, LARS and its parameter groups, the cosine schedule, checkpoints and the
+# run folder, the kNN monitor. Written out in every script, as official MoCo repeats its helpers in
+# main_moco.py and main_lincls.py, so that one script can be copied with backbones.py and views.py alone.
+# Every function takes explicit values, never `args`.
+
+def init_distributed(device_name, seed):
+    """-> (rank, world_size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python script.py`
+    is one process without a process group, and every collective below is then a no-op."""
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise UserError("--device cuda, but no CUDA device is visible")
+    rank, world_size, device = 0, 1, torch.device("cuda" if use_cuda else "cpu")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        if use_cuda:  # modulo: a launcher may show each process only its own GPU (SLURM --gpus-per-task=1)
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(seed + rank)
+    return rank, world_size, device
+
+
+def given_flags(parser, argv=None):
+    """The names of the flags typed on the command line (their defaults are not in it)."""
+    unset = object()
+    typed = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
+    return {name for name, value in vars(typed).items() if value is not unset}
+
+
+def resolve_amp(amp, device):
+    """-> (autocast dtype name or "off", a note). auto: bf16 on GPUs of compute capability >= 8.0; fp16
+    with a GradScaler below, where cuDNN has no fast bf16 convolutions (torch.cuda.is_bf16_supported() still
+    says True); off on the CPU. An explicit value holds on any device: the CPU runs the same AMP branches."""
+    note = ""
+    if amp == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        amp, note = "fp16", "(compute capability < 8.0: fp16, bf16 convolutions would be slow) "
+    elif amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels
+        torch.set_float32_matmul_precision("high" if amp != "off" else "highest")  # off = fp32 matmuls, no TF32
+    return amp, note
+
+
+def loader_workers(requested):
+    """--workers, or by default this node's CPU cores shared among its processes (torchrun's LOCAL_WORLD_SIZE),
+    at most 8: 8 GPUs x 8 workers on a 64-core node, not 8 x 64."""
+    if requested is not None:
+        return requested
+    return min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(tensor):
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+@torch.no_grad()
+def all_gather_cat(tensor):
+    """Every rank's `tensor` concatenated along dim 0, in rank order (no gradient)."""
+    if not is_distributed():
+        return tensor
+    tensor = tensor.contiguous()  # one plain layout for sent and received buffers (not channels_last)
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor)
+    return torch.cat(gathered)
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def param_groups(modules, decay_all=False):
+    """SSLight's three groups, trainable parameters only (decay_all: one group, MoCo-v2's way):
+    regularized:     ndim >= 2, not depthwise -> weight decay, LARS adaptation;
+    depthwise:       4-D conv weights with shape[1] == 1 (MobileNetV2) -> no weight decay, LARS kept;
+    not regularized: biases and norm parameters (ndim < 2) -> no weight decay, no LARS."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if decay_all:
+        return [dict(params=params, wd_factor=1.0, lars_exclude=False)]
+    depthwise = lambda p: p.ndim == 4 and p.shape[1] == 1
+    groups = [dict(params=[p for p in params if p.ndim >= 2 and not depthwise(p)], wd_factor=1.0, lars_exclude=False),
+              dict(params=[p for p in params if depthwise(p)], wd_factor=0.0, lars_exclude=False),
+              dict(params=[p for p in params if p.ndim < 2], wd_factor=0.0, lars_exclude=True)]
+    return [g for g in groups if g["params"]]
+
+
+class LARS(torch.optim.Optimizer):
+    """SSLight's LARS: g = grad + wd * p; unless lars_exclude, g *= eta * ||p|| / ||g|| when both norms
+    are > 0; mu = momentum * mu + g; p -= lr * mu. eta 0.001, momentum 0.9, no Nesterov. The trust ratios
+    of a group are computed as one stacked tensor (a few kernels per group, no host sync)."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                                      lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            # torch._foreach_*: one kernel over the whole list, as torch's own optimizers do
+            grads = torch._foreach_add([p.grad for p in params], params, alpha=group["weight_decay"])
+            if not group["lars_exclude"]:
+                norms = torch.stack(torch._foreach_norm(params + list(grads))).view(2, -1)  # (param, grad) norms
+                ratios = torch.where((norms > 0).all(0), group["eta"] * norms[0] / norms[1], 1.0)
+                for g, ratio in zip(grads, ratios.unbind()):
+                    g.mul_(ratio)
+            buffers = []
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+                buffers.append(self.state[p]["momentum_buffer"])
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+
+
+def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, start_warmup=0.0):
+    """One value per iteration (official DINO utils.cosine_scheduler): linear warm-up from start_warmup
+    to base over warmup_epochs (may be fractional), then a cosine from base to final."""
+    warmup_iters, total = int(warmup_epochs * iters_per_epoch), int(epochs * iters_per_epoch)
+    warmup = [start_warmup + (base - start_warmup) * i / warmup_iters for i in range(warmup_iters)]
+    rest = total - warmup_iters
+    return warmup + [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / rest)) for i in range(rest)]
+
+
+def save_checkpoint(state, path):
+    """Atomic and keeping the last good one: write PATH.tmp, move PATH to PATH.prev, rename the new file
+    to PATH. A kill at any moment leaves a complete checkpoint; a failed write (disk full) leaves the
+    old ones as they were and stops the run with a clear message."""
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(state, tmp)
+    except (OSError, RuntimeError) as error:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write the checkpoint {path} ({error}); the last good one is kept") from None
+    if os.path.exists(path):
+        os.replace(path, f"{path}.prev")
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, log=print):
+    """The newest readable of PATH and PATH.prev, or None when neither exists. An unreadable file is
+    named and the previous checkpoint used instead."""
+    candidates = [p for p in (path, f"{path}.prev") if os.path.exists(p)]
+    for candidate in candidates:
+        try:
+            return torch.load(candidate, map_location="cpu", weights_only=False)
+        except Exception as error:
+            log(f"warning: cannot read {candidate} ({type(error).__name__}: {str(error)[:200]}); trying an older one")
+    if candidates:
+        raise UserError(f"no readable checkpoint in {os.path.dirname(path) or '.'}: {', '.join(candidates)} are broken")
+    return None
+
+
+def lock_output_dir(output_dir):
+    """Hold OUTPUT_DIR/lock (host and pid of the holder) for the rest of this process, so two runs never
+    write the same folder. A lock left by a dead process on this host is taken over."""
+    os.makedirs(output_dir, exist_ok=True)
+    path, me = os.path.join(output_dir, "lock"), f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            with open(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                f.write(me)
+            atexit.register(lambda: os.path.exists(path) and open(path).read() == me and os.remove(path))
+            return
+        except FileExistsError:
+            host, _, pid = open(path).read().partition(" ")
+            if f"{host} {pid}" == me:
+                return  # this process holds it already (main() called twice in one process)
+            if host == socket.gethostname() and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                os.remove(path)  # stale: its holder is gone
+                continue
+            raise UserError(f"{output_dir} is in use by another run ({host} pid {pid}); wait, or remove {path} "
+                            "if no run is alive") from None
+
+
+def write_log(path, records):
+    """log.jsonl = exactly these records, one JSON line each, replaced atomically: after any kill and
+    resume it holds one line per finished epoch (the records travel in the checkpoint)."""
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+    os.replace(f"{path}.tmp", path)
+
+
+@torch.no_grad()
+def extract_features(feature_fn, dataset, batch_size, workers, device, rank, world_size, autocast,
+                     memory_format=torch.contiguous_format):
+    """Features of the whole `dataset`, in its order, on every rank: rank r extracts the images r, r + W,
+    r + 2W, ... (so no rank idles into the NCCL timeout), then all ranks gather and interleave."""
+    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    features, labels, dim = [], [], None
+    for images, targets in loader:
+        with autocast:
+            features.append(feature_fn(views.normalize(images, device, memory_format)).float())
+        labels.append(torch.as_tensor(targets).to(device))
+    if features:
+        features, labels = torch.cat(features), torch.cat(labels).long()
+    else:  # fewer images than processes: this rank's shard is empty
+        with autocast:
+            dim = feature_fn(views.normalize(dataset[0][0][None], device, memory_format)).shape[1]
+        features, labels = torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
+    per_rank = math.ceil(len(dataset) / world_size)  # pad every shard to the same length, gather, interleave
+    pad = lambda t: torch.cat([t, t.new_zeros((per_rank - len(t),) + t.shape[1:])])
+    gather = lambda t: all_gather_cat(pad(t)).view(world_size, per_rank, *t.shape[1:]).transpose(0, 1).flatten(0, 1)
+    return gather(features)[:len(dataset)], gather(labels)[:len(dataset)]
+
+
+@torch.no_grad()
+def knn_classify(bank, bank_labels, queries, query_labels, num_classes, k=20, temperature=0.07, chunk=512):
+    """Weighted kNN (official DINO eval_knn.py): the k most cosine-similar bank images vote for their class
+    with weight exp(sim / T). -> (top-1 %, top-5 %). Bank images with label -1 (unlabelled) do not vote."""
+    keep = bank_labels >= 0
+    bank, bank_labels = F.normalize(bank[keep].float(), dim=1), bank_labels[keep]
+    k, top, hits = min(k, len(bank)), min(5, num_classes), torch.zeros(2, device=bank.device)
+    for start in range(0, len(queries), chunk):
+        similarity, index = (F.normalize(queries[start:start + chunk].float(), dim=1) @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(len(similarity), num_classes, device=bank.device)
+        votes.scatter_add_(1, bank_labels[index], ((similarity - 1) / temperature).exp())  # exp(sim/T), no overflow
+        hit = votes.topk(top, dim=1).indices == query_labels[start:start + chunk, None]
+        hits += torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
+    return tuple((100.0 * hits / max(1, len(queries))).tolist())
+
+
+def knn_monitor(backbone, bank_set, val_set, batch_size, workers, device, rank, world_size, autocast,
+                memory_format=torch.contiguous_format):
+    """kNN top-1 / top-5 (k 20, T 0.07) of `backbone` in eval mode, train bank -> val, on every rank."""
+    was_training = backbone.training
+    backbone.eval()
+    extract = lambda dataset: extract_features(backbone, dataset, batch_size, workers, device, rank, world_size,
+                                               autocast, memory_format)
+    (bank, bank_labels), (val, val_labels) = extract(bank_set), extract(val_set)
+    backbone.train(was_training)
+    num_classes = max(len(getattr(bank_set, "classes", ())), int(bank_labels.max()) + 1)
+    top1, top5 = knn_classify(bank, bank_labels, val, val_labels, num_classes)
+    return dict(knn_top1=round(top1, 2), knn_top5=round(top5, 2))
+# ---- end of plumbing ----
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -21,6 +21,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 import torchvision
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
@@ -196,6 +197,178 @@ def normalize(images, device, memory_format=torch.contiguous_format):
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     scale, shift = 1 / (255 * std), -torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) / std
     return torch.addcmul(shift, images, scale).contiguous(memory_format=memory_format)
+
+
+# ----------------------------------------------------------------------------------------------
+# Views on the device (--views-on gpu): the loader only decodes, the views are sampled here, batched
+# ----------------------------------------------------------------------------------------------
+
+DEVICE_VIEWS_DEPARTURES = (
+    "crops are bilinear, averaging ceil(crop / size)^2 samples per pixel when shrinking (roi_align), not PIL's "
+    "bicubic; the blur is a true Gaussian (13 taps, reflect padding), not PIL's box-blur approximation (edge "
+    "padding); colour jitter, grayscale and solarize are torchvision's float tensor ops and nothing is rounded "
+    "to uint8, where the PIL path rounds after each op, takes contrast against an integer grey mean, uses "
+    "(299, 587, 114) / 1000 grey weights and shifts hue in 8-bit HSV by whole 1/256 turns")
+
+
+def collate_images(batch):
+    """DataLoader collate_fn for (uint8 (C, h, w) image, label) pairs of any sizes -> (uint8 (B, C, H, W)
+    padded to the largest h and w, long (B, 2) true (h, w), labels). The padding repeats each image's last
+    row and column, so a bilinear crop at an image's edge reads what it would read on the image alone."""
+    images, labels = zip(*batch)
+    sizes = torch.tensor([image.shape[1:] for image in images])
+    out = torch.empty((len(images), images[0].shape[0], *sizes.max(0).values.tolist()), dtype=torch.uint8)
+    for k, (image, (h, w)) in enumerate(zip(images, sizes.tolist())):
+        out[k, :, :h, :w] = image
+        out[k, :, :h, w:] = image[:, :, w - 1:]
+        out[k, :, h:] = out[k, :, h - 1:h]
+    return out, sizes, torch.utils.data.default_collate(labels)
+
+
+def crop_boxes(sizes, scale, ratio=(3 / 4, 4 / 3), generator=None, tries=10):
+    """torchvision's RandomResizedCrop.get_params for N images at once: sizes (N, 2) = (h, w) -> float
+    (N, 4) boxes (left, top, width, height) in whole pixels. Per image 10 tries of area ~ U(scale) * h * w
+    and a log-uniform aspect ratio; the first that fits wins."""
+    rand = lambda *shape: torch.rand(shape, generator=generator, device=sizes.device)
+    height, width = sizes.float().unbind(1)
+    area = (height * width)[:, None] * (scale[0] + (scale[1] - scale[0]) * rand(len(sizes), tries))
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_low + (log_high - log_low) * rand(len(sizes), tries))
+    w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+    first, found = fits.int().argmax(1, keepdim=True), fits.any(1)
+    in_ratio = width / height  # if no try fits: the whole image cut to the nearest allowed ratio, centred
+    fallback_w = torch.where(in_ratio > ratio[1], (height * ratio[1]).round(), width)
+    fallback_h = torch.where(in_ratio < ratio[0], (width / ratio[0]).round(), height)
+    w = torch.where(found, w.gather(1, first)[:, 0], fallback_w)
+    h = torch.where(found, h.gather(1, first)[:, 0], fallback_h)
+    top = torch.where(found, (rand(len(sizes)) * (height - h + 1)).floor().minimum(height - h), (height - h) // 2)
+    left = torch.where(found, (rand(len(sizes)) * (width - w + 1)).floor().minimum(width - w), (width - w) // 2)
+    return torch.stack([left, top, w, h], 1)
+
+
+def resized_crops(images, index, boxes, size):
+    """images[index[k]] cut to boxes[k] (left, top, width, height) and resized to (size, size), float: bilinear,
+    averaging ceil(box side / size)^2 samples per output pixel when shrinking (torchvision's roi_align)."""
+    rois = torch.cat([index[:, None].float(), boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1)
+    return torchvision.ops.roi_align(images.float(), rois, size, aligned=True)
+
+
+# torchvision.transforms.functional's tensor ops on float (N, 3, H, W) in [0, 1], one factor per image
+def rgb_to_grayscale(x):
+    r, g, b = x.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def blend(x, other, factor):
+    factor = factor.view(-1, 1, 1, 1)
+    return (factor * x + (1 - factor) * other).clamp(0, 1)
+
+
+def adjust_brightness(x, factor):
+    return blend(x, 0.0, factor)
+
+
+def adjust_contrast(x, factor):
+    return blend(x, rgb_to_grayscale(x).mean((1, 2, 3), keepdim=True), factor)
+
+
+def adjust_saturation(x, factor):
+    return blend(x, rgb_to_grayscale(x), factor)
+
+
+def adjust_hue(x, shift):
+    """RGB -> HSV, hue + shift (in turns), -> RGB; HSV -> RGB in its closed form v - c * clamp(min(k, 4 - k), 0, 1)."""
+    r, g, b = x.unbind(1)
+    v = x.amax(1)
+    c = v - x.amin(1)
+    safe_c = torch.where(c == 0, 1, c)
+    hue = torch.where(v == r, (g - b) / safe_c, torch.where(v == g, 2 + (b - r) / safe_c, 4 + (r - g) / safe_c))
+    hue = (hue + 6 * shift.view(-1, 1, 1)).unsqueeze(1)  # in sixths of a turn
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + hue) % 6
+    return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
+
+
+def solarize(x):
+    return torch.where(x >= 128 / 255, 1 - x, x)
+
+
+def gaussian_blur(x, sigma, radius=6):
+    """torchvision's gaussian_blur (kernel 2 * radius + 1, reflect padding) with one sigma per image: a
+    separable grouped convolution."""
+    n, c, h, w = x.shape
+    if n == 0:
+        return x
+    taps = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    kernel = torch.exp(-0.5 * (taps / sigma[:, None]) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)
+    x = F.pad(x.reshape(1, n * c, h, w), [radius] * 4, mode="reflect")
+    x = F.conv2d(x, kernel[:, None, :, None], groups=n * c)
+    return F.conv2d(x, kernel[:, None, None, :], groups=n * c).view(n, c, h, w)
+
+
+class DeviceMultiCrop:
+    """Decoded uint8 (B, 3, H, W) images on any device, padded by collate_images (`sizes` (B, 2) = true (h, w);
+    None = whole) -> [global_1, global_2, local_1, ..., local_n] float (B, 3, s, s), ImageNet-normalised: what
+    MultiCropTransform + normalize give, drawn from the same distributions per image and view, in one batched
+    pass per crop size. All randomness comes from `generator` (torch's default if None) on the images' device.
+    Departures from the PIL path: DEVICE_VIEWS_DEPARTURES."""
+
+    def __init__(self, recipe: ViewRecipe):
+        self.recipe = recipe
+
+    def __call__(self, images, sizes=None, generator=None, memory_format=torch.contiguous_format):
+        return [view.contiguous(memory_format=memory_format) for view, _ in self.sample(images, sizes, generator)]
+
+    def sample(self, images, sizes=None, generator=None):
+        """Like __call__, and also what was done to each view: a dict of per-image tensors box (left, top,
+        width, height) in source pixels, flipped, jittered, order (of brightness, contrast, saturation, hue),
+        factors (in that order), grayscale, blurred, sigma, solarized."""
+        r, n, device = self.recipe, len(images), images.device
+        if sizes is None:  # every image fills the batch tensor
+            sizes = torch.tensor([images.shape[-2:]]).expand(n, 2)
+        source, sizes = images.float(), sizes.to(device)
+        blur_global_1, blur_global_2, blur_local = r.blur_p
+        groups = [(r.global_size, r.global_scale, [blur_global_1, blur_global_2], [0.0, r.solarize_p])]
+        if r.local_crops:
+            groups.append((r.local_size, r.local_scale, [blur_local] * r.local_crops, [0.0] * r.local_crops))
+        mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        views = []
+        for size, scale, blur_p, solarize_p in groups:  # all views of one size at once, view-major
+            boxes = crop_boxes(sizes.repeat(len(blur_p), 1), scale, generator=generator)
+            x = resized_crops(source, torch.arange(n, device=device).repeat(len(blur_p)), boxes, size) / 255
+            per_view = lambda p: torch.tensor(p, device=device).repeat_interleave(n)
+            x, info = self.augment(x, per_view(blur_p), per_view(solarize_p), generator)
+            info = {key: value.split(n) for key, value in dict(box=boxes, **info).items()}
+            views += [(view, {key: value[i] for key, value in info.items()})
+                      for i, view in enumerate(((x - mean) / std).split(n))]
+        return views
+
+    def augment(self, x, blur_p, solarize_p, generator):
+        """MultiCropTransform.one_view after the crop, on float (N, 3, s, s) in [0, 1] with per-image blur and
+        solarize probabilities: flip -> colour jitter (with p; 4 ops in a random order per image, each with
+        its own factor) -> grayscale -> Gaussian blur, sigma ~ U(0.1, 2.0) px -> solarize (>= 128/255)."""
+        r, n = self.recipe, len(x)
+        rand = lambda *shape: torch.rand(shape or (n,), generator=generator, device=x.device)
+        flipped = rand() < r.flip_p
+        x[flipped] = x[flipped].flip(-1)
+        jittered = rand() < r.jitter_p
+        bright, contrast, saturation, hue = r.jitter
+        low = torch.tensor([max(0, 1 - bright), max(0, 1 - contrast), max(0, 1 - saturation), -hue], device=x.device)
+        high = torch.tensor([1 + bright, 1 + contrast, 1 + saturation, hue], device=x.device)
+        factors, order = low + (high - low) * rand(n, 4), rand(n, 4).argsort(1)
+        for step in range(4):  # each op runs on the images that do it at this step only
+            for k, op in enumerate((adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)):
+                pick = jittered & (order[:, step] == k)
+                x[pick] = op(x[pick], factors[pick, k])
+        grayscale = rand() < r.grayscale_p
+        x[grayscale] = rgb_to_grayscale(x[grayscale]).expand(-1, 3, -1, -1)
+        blurred, sigma = rand() < blur_p, 0.1 + 1.9 * rand()
+        x[blurred] = gaussian_blur(x[blurred], sigma[blurred])
+        solarized = rand() < solarize_p
+        x[solarized] = solarize(x[solarized])
+        return x, dict(flipped=flipped, jittered=jittered, order=order, factors=factors, grayscale=grayscale,
+                       blurred=blurred, sigma=sigma, solarized=solarized)
 
 
 # ----------------------------------------------------------------------------------------------

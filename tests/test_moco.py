@@ -7,6 +7,7 @@ import torch.nn as nn
 
 import moco_v2
 from conftest import TinyBackbone, assert_ranks_identical, run_torchrun
+from views import UserError
 
 
 def hand_ce_row(logits, target=0):
@@ -56,21 +57,21 @@ def test_loss_matches_hand_computation(weights):
 
 
 def test_queue_init_enqueue_and_wrap_around():
-    memory = moco_v2.MoCoQueue(dim=2, size=5, seed=3)
-    assert torch.allclose(memory.queue.norm(dim=0), torch.ones(5))
-    assert torch.equal(memory.queue, moco_v2.MoCoQueue(2, 5, seed=3).queue)  # same on every rank
-    initial = memory.queue.clone()
+    queue = moco_v2.MoCoQueue(dim=2, size=5, seed=3)
+    assert torch.allclose(queue.keys.norm(dim=0), torch.ones(5))
+    assert torch.equal(queue.keys, moco_v2.MoCoQueue(2, 5, seed=3).keys)  # same on every rank
+    initial = queue.keys.clone()
     a = torch.arange(6.0).view(3, 2)
-    memory.enqueue(a)
-    assert memory.ptr.item() == 3 and torch.equal(memory.queue[:, :3], a.T)
-    assert torch.equal(memory.queue[:, 3:], initial[:, 3:])
+    queue.enqueue(a)
+    assert queue.ptr.item() == 3 and torch.equal(queue.keys[:, :3], a.T)
+    assert torch.equal(queue.keys[:, 3:], initial[:, 3:])
     b = -torch.arange(1.0, 7.0).view(3, 2)
-    memory.enqueue(b)  # 5 is not a multiple of 3: columns 3, 4 then 0
-    assert memory.ptr.item() == 1
-    assert torch.equal(memory.queue[:, 3:], b[:2].T) and torch.equal(memory.queue[:, 0], b[2])
-    assert torch.equal(memory.queue[:, 1:3], a[1:].T)
+    queue.enqueue(b)  # 5 is not a multiple of 3: columns 3, 4 then 0
+    assert queue.ptr.item() == 1
+    assert torch.equal(queue.keys[:, 3:], b[:2].T) and torch.equal(queue.keys[:, 0], b[2])
+    assert torch.equal(queue.keys[:, 1:3], a[1:].T)
     with pytest.raises(ValueError, match="queue size"):
-        memory.enqueue(torch.zeros(6, 2))
+        queue.enqueue(torch.zeros(6, 2))
 
 
 class Recorder(nn.Module):
@@ -123,43 +124,83 @@ def test_shuffle_bn_across_ranks_returns_each_ranks_own_keys(rank, monkeypatch):
         return torch.cat(slices)
 
     monkeypatch.setattr(moco_v2, "dist", FakeDist)
-    monkeypatch.setattr(moco_v2.training, "concat_all_gather", fake_gather)
+    monkeypatch.setattr(moco_v2, "all_gather_cat", fake_gather)
     keys = moco_v2.shuffle_bn_keys(encoder, all_images[4 * rank:4 * rank + 4])
     assert torch.equal(keys[:, 0], 2 * torch.arange(4.0 * rank, 4.0 * rank + 4)) and len(gathers) == 2
 
 
 def test_clamp_bn_splits():
-    log = lambda *a: None
-    assert moco_v2.clamp_bn_splits(8, 256, log) == 8
-    assert moco_v2.clamp_bn_splits(8, 12, log) == 6   # divides 12
-    assert moco_v2.clamp_bn_splits(8, 4, log) == 2    # >= 2 images per split
-    assert moco_v2.clamp_bn_splits(8, 7, log) == 1
+    assert moco_v2.clamp_bn_splits(8, 256) == 8
+    assert moco_v2.clamp_bn_splits(8, 12) == 6   # divides 12
+    assert moco_v2.clamp_bn_splits(8, 4) == 2    # >= 2 images per split
+    assert moco_v2.clamp_bn_splits(8, 7) == 1
 
 
-@pytest.mark.parametrize("bn_splits", [0, 2])  # 0: a key encoder without BN (plain forward)
-def test_queries_are_g2_and_locals_and_the_key_is_g1_only(bn_splits):
+def test_key_bn_mode():
+    # (has BN, processes, key encoder converted to SyncBN) -> how the keys are guarded against BN cheating
+    assert moco_v2.key_bn_mode(False, 1, False) == moco_v2.key_bn_mode(False, 8, True) == "none"  # a ViT
+    assert moco_v2.key_bn_mode(True, 1, False) == "split"  # one process
+    assert moco_v2.key_bn_mode(True, 8, True) == "sync"  # CUDA torchrun, --key-sync-bn 1: no shuffle
+    assert moco_v2.key_bn_mode(True, 8, False) == "shuffle"  # --key-sync-bn 0, or CPU processes (no SyncBN)
+
+
+@pytest.mark.parametrize("key_bn", ["none", "sync", "split"])
+def test_queries_are_g2_and_locals_and_the_key_is_g1_only(key_bn, monkeypatch):
     B = 4
     crops = [torch.full((B, 3, 8, 8), 1.0), torch.full((B, 3, 8, 8), 2.0)] + \
             [torch.full((B, 3, 4, 4), 3.0 + i) for i in range(3)]
     query, key = Recorder(), Recorder()
-    q, k = moco_v2.moco_forward(query, key, crops, bn_splits)
+
+    def no_shuffle(*a):
+        raise AssertionError("SyncBN statistics are global: the cross-rank shuffle would change nothing")
+
+    monkeypatch.setattr(moco_v2, "shuffle_bn_keys", no_shuffle)
+    q, k = moco_v2.moco_forward(query, key, crops, key_bn, bn_splits=2)
     assert q.shape == ((1 + 3) * B, 4) and k.shape == (B, 4)
     assert q[:, 0].tolist() == [2.0] * B + [3.0] * B + [4.0] * B + [5.0] * B  # [g2, l1, l2, l3]
     assert k[:, 0].tolist() == [1.0] * B  # g1, and nothing else
-    assert key.calls == ([[(2, 3, 8, 8)]] * 2 if bn_splits else [[(B, 3, 8, 8)]])  # g1 in 2 BN splits, or whole
+    assert key.calls == ([[(2, 3, 8, 8)]] * 2 if key_bn == "split" else [[(B, 3, 8, 8)]])  # 2 BN splits, or whole
     assert not k.requires_grad
 
 
+def test_shuffle_is_skipped_when_the_key_encoder_has_sync_bn(monkeypatch):
+    """The mode main() picks for a SyncBN key encoder on 2 processes never reaches shuffle_bn_keys."""
+    key_encoder = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)))
+    has_sync_bn = any(isinstance(m, nn.SyncBatchNorm) for m in key_encoder.modules())
+    mode = moco_v2.key_bn_mode(True, 2, has_sync_bn)
+    calls = []
+    monkeypatch.setattr(moco_v2, "shuffle_bn_keys", lambda *a: calls.append(1))
+    crops = [torch.ones(2, 3, 4, 4)] * 2
+    moco_v2.moco_forward(lambda c: c[0], lambda c: c[0], crops, mode, 1)  # stand-ins: SyncBN cannot run on CPU
+    assert mode == "sync" and calls == []
+    moco_v2.moco_forward(lambda c: c[0], lambda c: c[0], crops, moco_v2.key_bn_mode(True, 2, False), 1)
+    assert calls == [1]  # per-process BN on 2 processes (CPU torchrun): shuffled
+
+
+def resolve(*flags):
+    parser = moco_v2.get_args_parser()
+    return moco_v2.resolve_config(parser.parse_args(list(flags)), moco_v2.given_flags(parser, list(flags)), 1)
+
+
 def test_paper_and_classic_defaults():
-    light = moco_v2.resolve_defaults(moco_v2.get_args_parser().parse_args([]))
-    assert (light.recipe, light.arch, light.optimizer, light.lr, light.min_lr) == ("light", "mobilenet_v2", "lars", 0.48, 0.0048)
+    light = resolve()
+    assert (light.recipe, light.arch, light.optimizer, light.lr, light.min_lr) == ("light", "mobilenet_v2", "lars",
+                                                                                  0.48, 0.0048)
     assert (light.warmup_epochs, light.weight_decay, light.lr_schedule, light.hidden_dim) == (10, 1e-6, "iter", 2048)
     assert (light.temperature, light.momentum, light.queue_size, light.dim) == (0.2, 0.999, 65536, 128)
-    classic = moco_v2.resolve_defaults(moco_v2.get_args_parser().parse_args(["--recipe", "classic"]))
+    assert (light.decay_all_params, light.local_crops, light.loss_weights) == (0, 6, (0.4, 0.6))
+    assert resolve("--epochs", "20").warmup_epochs == pytest.approx(1.0)  # 10 of 200 epochs: 5% of the run
+    classic = resolve("--recipe", "classic")
     assert (classic.optimizer, classic.lr, classic.min_lr, classic.warmup_epochs) == ("sgd", 0.03, 0.0, 0)
     assert (classic.weight_decay, classic.decay_all_params, classic.lr_schedule) == (1e-4, 1, "epoch")
-    head = moco_v2.build_moco_net(classic).head  # MoCo-v2: Linear(feat, feat) -> ReLU -> Linear(feat, 128)
+    assert (classic.local_crops, classic.loss_weights) == (0, (1.0, 0.0))
+    head = moco_v2.build_moco_net(classic.arch, classic.dim, classic.hidden_dim, False).head
+    # MoCo-v2: Linear(feat, feat) -> ReLU -> Linear(feat, 128)
     assert [tuple(m.weight.shape) for m in head.mlp if isinstance(m, nn.Linear)] == [(1280, 1280), (128, 1280)]
+    with pytest.raises(UserError, match="--queue-size 100 is smaller than the global batch 128"):
+        resolve("--queue-size", "100")
+    with pytest.raises(UserError, match="--bn-splits must be >= 1"):
+        resolve("--bn-splits", "0")
 
 
 def test_training_steps_reduce_the_loss():
@@ -175,7 +216,7 @@ def test_training_steps_reduce_the_loss():
     losses = []
     for _ in range(12):
         moco_v2.ema_update(list(key.parameters()), list(query.parameters()), 0.99)
-        q, k = moco_v2.moco_forward(query, key, crops, bn_splits=2)
+        q, k = moco_v2.moco_forward(query, key, crops, "split", bn_splits=2)
         loss = moco_v2.moco_loss(moco_v2.moco_logits(q, k, queue, 0.2), 3, 0.4, 0.6)
         optimizer.zero_grad()
         loss.backward()
@@ -191,84 +232,90 @@ def run_flags(data, out, *extra, local_crops=("--local-crops", "2")):
 
 @pytest.fixture
 def tiny(monkeypatch):
-    monkeypatch.setattr(moco_v2, "build_backbone", lambda arch, **kw: TinyBackbone())
+    monkeypatch.setattr(moco_v2.backbones, "build_backbone", lambda arch, **kw: TinyBackbone())
 
 
-def test_main_run_exports_and_refuses_bad_resume(image_folder, tmp_path, tiny):
+def test_main_run_exports_and_refuses_bad_resume(image_folder, tmp_path, tiny, capsys):
     out = tmp_path / "run"
-    modules = moco_v2.main(moco_v2.get_args_parser().parse_args(
-        run_flags(image_folder, out, "--export", str(tmp_path / "backbone.pth"))))
+    modules = moco_v2.main(run_flags(image_folder, out, "--export", str(tmp_path / "backbone.pth")))
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert checkpoint["method"] == "moco" and checkpoint["epoch"] == 1 and checkpoint["step_in_epoch"] == 0
-    assert {"query_encoder", "key_encoder", "queue", "queue_ptr", "optimizer", "scaler", "settings", "args"} <= set(checkpoint)
-    assert checkpoint["queue"].shape == (128, 64) and checkpoint["queue_ptr"].item() == 4 * 4  # 4 steps x 4 keys
-    assert torch.equal(checkpoint["queue"], modules["queue"].queue)
+    assert checkpoint["method"] == "moco" and checkpoint["epoch"] == 1 and checkpoint["num_images"] == 16
+    assert {"query_encoder", "key_encoder", "queue", "optimizer", "scaler", "config", "history"} <= set(checkpoint)
+    queue = checkpoint["queue"]
+    assert queue["keys"].shape == (128, 64) and queue["ptr"].item() == 4 * 4  # 4 steps x 4 keys
+    assert torch.equal(queue["keys"], modules["queue"].keys)
     query, key = checkpoint["query_encoder"], checkpoint["key_encoder"]
     assert "backbone.net.0.weight" in query and query["head.mlp.0.weight"].shape == (2048, 16)  # linear_eval's contract
     assert not torch.equal(query["head.mlp.0.weight"], key["head.mlp.0.weight"])  # the EMA lags
     record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
-    assert {"loss", "acc", "lr", "wd", "img_per_s"} <= set(record) and math.isfinite(record["loss"])
+    assert {"loss", "contrastive_top1", "embedding_std", "lr", "wd", "img_per_s"} <= set(record)
+    assert math.isfinite(record["loss"]) and 0 < record["embedding_std"] < 1
+    assert record == checkpoint["history"][-1] and json.loads((out / "args.json").read_text())["queue_size"] == 64
+    assert "key encoder BN: split, 2 shuffled sub-batches of 2" in capsys.readouterr().out
     # --export writes the QUERY backbone (MoCo's encoder_q) with "backbone." stripped.
     exported = torch.load(tmp_path / "backbone.pth")
     assert set(exported) == set(TinyBackbone().state_dict())
     assert torch.equal(exported["net.0.weight"], query["backbone.net.0.weight"])
     assert not torch.equal(exported["net.0.weight"], key["backbone.net.0.weight"])
-    with pytest.raises(SystemExit, match="refusing to resume.*queue_size"):
-        moco_v2.main(moco_v2.get_args_parser().parse_args(run_flags(image_folder, out, "--queue-size", "128")))
+    with pytest.raises(UserError, match="--queue-size 64 -> 128"):
+        moco_v2.main(run_flags(image_folder, out, "--queue-size", "128"))
+    # Finished: a rerun trains nothing, --export works with only --output-dir.
+    moco_v2.main(["--output-dir", str(out), "--export", str(tmp_path / "again.pth")])
+    assert "this run is finished: 1 epochs" in capsys.readouterr().out
+    assert torch.equal(torch.load(tmp_path / "again.pth")["net.0.weight"], exported["net.0.weight"])
 
 
-def test_resume_mid_epoch_restores_the_queue(image_folder, tmp_path, tiny, monkeypatch):
+def test_extending_a_run_restores_the_queue(image_folder, tmp_path, tiny, monkeypatch):
     out = tmp_path / "run"
-    flags = run_flags(image_folder, out, "--epochs", "2", "--save-every", "2")  # 4 iterations / epoch
-    forward, calls = moco_v2.moco_forward, []
+    moco_v2.main(run_flags(image_folder, out))  # 4 iterations / epoch
+    saved = torch.load(out / "checkpoint.pth", weights_only=False)["queue"]
+    assert saved["ptr"].item() == 4 * 4 and not torch.equal(saved["keys"], moco_v2.MoCoQueue(128, 64).keys)
 
-    def crash_at_iteration_6(*a):
-        calls.append(1)
-        if len(calls) == 7:
-            raise RuntimeError("simulated crash")
-        return forward(*a)
-
-    monkeypatch.setattr(moco_v2, "moco_forward", crash_at_iteration_6)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        moco_v2.main(moco_v2.get_args_parser().parse_args(flags))
-    saved = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert (saved["epoch"], saved["step_in_epoch"]) == (1, 2) and saved["queue_ptr"].item() == 6 * 4
-    assert not torch.equal(saved["queue"], moco_v2.MoCoQueue(128, 64).queue)
-
-    monkeypatch.setattr(moco_v2, "moco_forward", forward)
     enqueue, before_first = moco_v2.MoCoQueue.enqueue, []
 
     def record(self, keys):
         if not before_first:
-            before_first.append((self.queue.clone(), self.ptr.clone()))
+            before_first.append((self.keys.clone(), self.ptr.clone()))
         enqueue(self, keys)
 
     monkeypatch.setattr(moco_v2.MoCoQueue, "enqueue", record)
-    modules = moco_v2.main(moco_v2.get_args_parser().parse_args(flags))
-    queue, ptr = before_first[0]
-    assert torch.equal(queue, saved["queue"].float()) and ptr.item() == 6 * 4  # resumed exactly
-    assert modules["queue"].ptr.item() == 8 * 4 % 64 and torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 2
+    modules = moco_v2.main(run_flags(image_folder, out, "--epochs", "2"))
+    keys, ptr = before_first[0]
+    assert torch.equal(keys, saved["keys"]) and ptr.item() == 4 * 4  # resumed exactly
+    assert modules["queue"].ptr.item() == 8 * 4 % 64 and [r["epoch"] for r in modules["history"]] == [1, 2]
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 2
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(image_folder, tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(moco_v2, "moco_loss", lambda logits, *a: logits.sum() * float("nan"))
-    with pytest.raises(SystemExit, match="non-finite loss at iteration 0"):
-        moco_v2.main(moco_v2.get_args_parser().parse_args(run_flags(image_folder, tmp_path / "nan")))
+    with pytest.raises(SystemExit, match="non-finite loss in epoch 1, step 1"):
+        moco_v2.main(run_flags(image_folder, tmp_path / "nan"))
     assert not (tmp_path / "nan" / "checkpoint.pth").exists()
+
+
+def test_collapse_is_reported(image_folder, tmp_path, tiny, monkeypatch, capsys):
+    """Keys that are all the same: the std signal fires with the knobs to turn."""
+    forward = moco_v2.moco_forward
+    same_keys = lambda *a: (lambda q, k: (q, torch.ones_like(k) / k.shape[1] ** 0.5))(*forward(*a))
+    monkeypatch.setattr(moco_v2, "moco_forward", same_keys)
+    moco_v2.main(run_flags(image_folder, tmp_path / "collapsed"))
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("collapse:")]
+    assert len(line) == 1 and "same key" in line[0] and "--lr" in line[0] and "--queue-size" in line[0]
 
 
 def test_classic_recipe_runs_two_views_with_sgd(image_folder, tmp_path, tiny, monkeypatch):
     forward, n_crops = moco_v2.moco_forward, []
-    monkeypatch.setattr(moco_v2, "moco_forward", lambda q, k, crops, s: n_crops.append(len(crops)) or forward(q, k, crops, s))
+    monkeypatch.setattr(moco_v2, "moco_forward", lambda q, k, crops, *a: n_crops.append(len(crops)) or
+                        forward(q, k, crops, *a))
     out = tmp_path / "classic"
-    flags = run_flags(image_folder, out, "--recipe", "classic", "--epochs", "2", local_crops=())  # the recipe's 0
-    moco_v2.main(moco_v2.get_args_parser().parse_args(flags))
+    moco_v2.main(run_flags(image_folder, out, "--recipe", "classic", "--epochs", "2", local_crops=()))  # recipe's 0
     assert n_crops == [2] * 8  # query = one view, key = the other; no locals
     checkpoint = torch.load(out / "checkpoint.pth", weights_only=False)
     groups = checkpoint["optimizer"]["param_groups"]
     assert len(groups) == 1 and "nesterov" in groups[0]  # SGD, one group: decay on BN and biases too
     assert groups[0]["momentum"] == 0.9 and groups[0]["weight_decay"] == 1e-4
     assert checkpoint["query_encoder"]["head.mlp.0.weight"].shape == (16, 16)  # Linear(feat, feat)
+    assert checkpoint["query_encoder"]["head.mlp.0.bias"].abs().sum() > 0  # PyTorch's default init, not zeros
     lrs = [json.loads(line)["lr"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert lrs == pytest.approx([0.03 * 4 / 256, 0.03 * 4 / 256 * 0.5])  # per-epoch cosine, no warm-up
 
@@ -276,9 +323,9 @@ def test_classic_recipe_runs_two_views_with_sgd(image_folder, tmp_path, tiny, mo
 def test_torchrun_two_cpu_processes_share_keys_and_end_identical(image_folder, tmp_path):
     flags = run_flags(image_folder, tmp_path / "ddp", "--batch-size", "2")  # 16 images: 4 steps of 2 x 2
     ranks, result = run_torchrun("moco_v2", tmp_path / "state", flags)
-    assert "world 2" in result.stdout
+    assert "2 process(es)" in result.stdout and "key encoder BN: shuffle" in result.stdout  # no SyncBN on CPU
     assert_ranks_identical(ranks, ("query_encoder", "key_encoder", "queue"))
     # Both ranks' keys went in: 4 steps x global batch 4 columns, the rest is still the init.
-    queue, initial = ranks[0]["queue"]["queue"], moco_v2.MoCoQueue(128, 64).queue
+    keys, initial = ranks[0]["queue"]["keys"], moco_v2.MoCoQueue(128, 64).keys
     assert ranks[0]["queue"]["ptr"].item() == 4 * 4
-    assert not torch.isclose(queue[:, :16], initial[:, :16]).all(0).any() and torch.equal(queue[:, 16:], initial[:, 16:])
+    assert not torch.isclose(keys[:, :16], initial[:, :16]).all(0).any() and torch.equal(keys[:, 16:], initial[:, 16:])

@@ -45,7 +45,8 @@ def test_imports_from_the_project_only_backbones_and_views(script):
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported & PROJECT_MODULES <= ({"backbones", "views"} - {script[:-3]})
-    assert all(len(line.rstrip("\n")) <= 120 for line in open(os.path.join(ROOT, script))), f"{script}: a line over 120"
+    long_lines = [n for n, line in enumerate(open(os.path.join(ROOT, script)), 1) if len(line.rstrip("\n")) > 120]
+    assert not long_lines, f"{script}: lines over 120 characters: {long_lines}"
 
 
 def run(cmd, cwd, timeout=300):
