@@ -42,7 +42,7 @@ PAPER_EPOCHS = 200
 # Settings of this machine and command, never taken from a checkpoint.
 THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export"}
 # Settings a resumed run may change when typed again; every other one is compared with the checkpoint's.
-RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs"}  # a moved --data: its size is checked
+RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}  # a moved --data: its size is checked
 
 
 def get_args_parser():
@@ -307,7 +307,8 @@ def main(argv=None):
         loss_weights=config.loss_weights)
     if rank != 0:
         barrier()  # rank 0 downloads a named data set first
-    dataset = views.build_dataset(config.data, views.MultiCropTransform(recipe), download=rank == 0)
+    transform, collate, view_sampler = views.view_pipeline(recipe, config.views_on)
+    dataset = views.build_dataset(config.data, transform, download=rank == 0)
     eval_transform = views.eval_transform(config.global_size)
     eval_sets = config.eval_data and views.build_eval_datasets(config.eval_data, eval_transform, download=rank == 0)
     if rank == 0:
@@ -315,6 +316,7 @@ def main(argv=None):
     sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=config.seed,
                                                   drop_last=True)
     loader = torch.utils.data.DataLoader(dataset, config.batch_size, sampler=sampler, num_workers=config.workers,
+                                         collate_fn=collate,
                                          pin_memory=device.type == "cuda", drop_last=True,
                                          persistent_workers=config.workers > 0,
                                          prefetch_factor=2 if config.workers > 0 else None)
@@ -387,12 +389,12 @@ def main(argv=None):
         sums = torch.zeros(4, device=device)  # loss, teacher entropy, student entropy, embedding std
         start = time.time()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0, dynamic_ncols=True)
-        for i, (crops, _) in enumerate(bar):
+        for i, batch in enumerate(bar):
             it = epoch * iters_per_epoch + i  # global iteration: index into the schedules
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule[it]
                 group["weight_decay"] = wd_schedule[it] * group["wd_factor"]
-            crops = [views.normalize(c, device, memory_format) for c in crops]  # uint8 -> float on the device
+            crops = views.batch_to_crops(batch, device, memory_format, view_sampler)  # uint8 -> float there
 
             with autocast:
                 teacher_out = teacher(crops[:2])  # only the 2 global views

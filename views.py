@@ -118,7 +118,8 @@ def add_view_args(parser):
     v = parser.add_argument_group("views (paper §3.3; --recipe light is the paper's, baseline the original method's)")
     v.add_argument("--recipe", default="light",
                    help="light: global (0.3,1), local (0.05,0.3) at 128 px, loss weights 0.4/0.6. baseline: the "
-                        "original crops (CNN (0.14,1)/(0.05,0.14), ViT (0.25,1)/(0.05,0.25), 96 px), plain average")
+                        "original crops (CNN (0.14,1)/(0.05,0.14), ViT (0.25,1)/(0.05,0.25), 96 px), plain average. "
+                        "MoCo also: classic = the 2-view MoCo-v2 as published")
     v.add_argument("--global-size", type=int, default=None,
                    help="224; smaller sizes scale the local size by the same ratio (112 -> 48 / 64)")
     v.add_argument("--local-size", type=int, default=None, help="light 128, baseline 96 (for 224 px global crops)")
@@ -128,6 +129,10 @@ def add_view_args(parser):
     v.add_argument("--loss-weights", type=float, nargs=2, default=None, metavar=("ALPHA", "BETA"),
                    help="weights of the averaged global-global / global-local terms: light 0.4 0.6; "
                         "baseline 1/(1+n_local), n_local/(1+n_local) = a plain average over pairs")
+    v.add_argument("--views-on", default="loader", choices=["loader", "device"],
+                   help="loader: PIL crops in the loader processes (the paper's pipeline). device: the loader only "
+                        "decodes and the views are sampled in batches on the GPU (or CPU); not yet measured on a "
+                        "GPU. Departures: " + DEVICE_VIEWS_DEPARTURES)
     return parser
 
 
@@ -369,6 +374,25 @@ class DeviceMultiCrop:
         x[solarized] = solarize(x[solarized])
         return x, dict(flipped=flipped, jittered=jittered, order=order, factors=factors, grayscale=grayscale,
                        blurred=blurred, sigma=sigma, solarized=solarized)
+
+
+def view_pipeline(recipe, views_on="loader"):
+    """-> (the data set's transform, the loader's collate_fn, the device sampler or None). loader: the workers
+    make every view (PIL) and ship uint8 crops. device: the workers only decode, and DeviceMultiCrop samples
+    the views of the whole batch on the training device (departures from PIL: DEVICE_VIEWS_DEPARTURES)."""
+    if views_on == "device":
+        return T.PILToTensor(), collate_images, DeviceMultiCrop(recipe)
+    return MultiCropTransform(recipe), None, None
+
+
+def batch_to_crops(batch, device, memory_format=torch.contiguous_format, sampler=None):
+    """A loader batch -> the [global_1, global_2, local_1, ...] crops on `device`, normalised: the loader's
+    uint8 crops copied and normalised, or, with a device sampler, the decoded images' views sampled there."""
+    if sampler is None:
+        crops, _ = batch
+        return [normalize(c, device, memory_format) for c in crops]
+    images, sizes, _ = batch
+    return sampler(images.to(device, non_blocking=True), sizes, memory_format=memory_format)
 
 
 # ----------------------------------------------------------------------------------------------

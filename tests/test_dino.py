@@ -353,6 +353,14 @@ def test_default_loader_workers_share_the_node(monkeypatch):
     assert dino.loader_workers(None) == 1
 
 
+def test_views_sampled_on_the_device(image_folder, tmp_path, tiny):
+    """--views-on device: the loader only decodes (uint8 images of any size, padded), the views are sampled in a
+    batch where the model runs."""
+    result = dino.main(small_run_flags(image_folder, tmp_path / "device", "--views-on", "device"))
+    assert math.isfinite(result["history"][-1]["loss"])
+    assert json.loads((tmp_path / "device" / "args.json").read_text())["views_on"] == "device"
+
+
 def test_torchrun_two_cpu_processes_end_identical(image_folder, tmp_path):
     flags = small_run_flags(image_folder, tmp_path / "ddp", "--batch-size", "2")
     ranks, result = run_torchrun("dino", tmp_path / "state", flags)

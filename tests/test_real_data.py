@@ -42,5 +42,6 @@ def test_dino_epoch_and_knn_on_real_images(cifar_mini, tmp_path):
     record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     # kNN, 500-image bank -> 200 val images, 10 classes: well above chance (10%), even this early.
     assert 15.0 < record["knn_top1"] <= 100.0 and record["knn_top5"] >= record["knn_top1"]
-    backbone, info = linear_eval.load_backbone(str(out / "checkpoint.pth"), "resnet18")
-    assert info["method"] == "dino"
+    state, info = linear_eval.read_checkpoint(str(out / "checkpoint.pth"))
+    assert info["method"] == "dino" and info["arch"] == "resnet18"
+    assert linear_eval.backbone_from(state, info, "resnet18").feat_dim == 512
