@@ -204,6 +204,8 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="data mode: loader processes")
     parser.add_argument("--json", default=None, help="also append the result as one JSON line to this file")
     args = parser.parse_args()
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # multi-process throughput: the scripts' own img/s under torchrun
+        sys.exit("error: this benchmark runs one process; under torchrun, read img_per_s in the runs' log.jsonl")
     result = benchmark_step(args) if args.mode == "step" else benchmark_data(args)
     print(json.dumps(result))
     if args.json:

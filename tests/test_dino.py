@@ -14,7 +14,8 @@ import torchvision
 
 import backbones
 import dino
-from conftest import ROOT, TinyBackbone, assert_ranks_identical, make_image_folder, run_torchrun, subprocess_env
+from conftest import (ROOT, TinyBackbone, assert_ranks_identical, free_port, make_image_folder, run_torchrun,
+                      subprocess_env)
 
 
 def hand_ce(p, logp):
@@ -388,3 +389,25 @@ def test_kill_at_epoch_end_then_resume_keeps_one_log_line_per_epoch(tmp_path):
     assert "resumed from" in resumed.stdout
     assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 3
     assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_a_named_data_set_is_downloaded_by_rank_0_only(tmp_path):
+    """--data cifar10 under torchrun: rank 0 builds (downloads) it first, the other ranks after a barrier and
+    without download. torchvision's CIFAR10 is replaced by a recorder with 8 generated images."""
+    script = tmp_path / "run_dino.py"
+    script.write_text(f"""import os, sys
+sys.path.insert(0, {ROOT!r})
+import torchvision, views, dino
+class FakeCIFAR10(views.SyntheticShapes):
+    def __init__(self, root, download, transform, train):
+        open(os.path.join({str(tmp_path)!r}, f"rank{{os.environ['RANK']}}.{{train}}.{{download}}"), "w").close()
+        super().__init__(8, size=32, transform=transform)
+torchvision.datasets.CIFAR10 = FakeCIFAR10
+dino.main(sys.argv[1:])
+""")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           str(script), *small_run_flags("cifar10", tmp_path / "run", "--batch-size", "2"), "--eval-data", "cifar10"]
+    result = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("rank*")) == [
+        "rank0.False.True", "rank0.True.True", "rank1.False.False", "rank1.True.False"]

@@ -329,3 +329,12 @@ def test_torchrun_two_cpu_processes_share_keys_and_end_identical(image_folder, t
     keys, initial = ranks[0]["queue"]["keys"], moco_v2.MoCoQueue(128, 64).keys
     assert ranks[0]["queue"]["ptr"].item() == 4 * 4
     assert not torch.isclose(keys[:, :16], initial[:, :16]).all(0).any() and torch.equal(keys[:, 16:], initial[:, 16:])
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_branches_run_on_the_cpu(image_folder, tmp_path, tiny, amp):
+    """The autocast and GradScaler branches a GPU runs, forced on the CPU."""
+    moco_v2.main(run_flags(image_folder, tmp_path / amp, "--amp", amp))
+    checkpoint = torch.load(tmp_path / amp / "checkpoint.pth", weights_only=False)
+    assert math.isfinite(checkpoint["history"][-1]["loss"]) and checkpoint["config"]["amp"] == amp
+    assert bool(checkpoint["scaler"]) == (amp == "fp16")  # the GradScaler ran under fp16 only

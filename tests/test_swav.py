@@ -338,12 +338,13 @@ def test_collapse_is_flagged(image_folder, tmp_path, monkeypatch, capsys):
     assert "collapse: every image gets the same embedding" in capsys.readouterr().out
 
 
-def test_amp_fp16_branch_runs_on_the_cpu(image_folder, tmp_path, tiny):
-    """The autocast and GradScaler branch of older GPUs, forced on the CPU, with the prototypes frozen."""
-    result = swav.main(small_run_flags(image_folder, tmp_path / "fp16", "--amp", "fp16",
-                                       "--freeze-prototypes-epochs", "0.5"))
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_branches_run_on_the_cpu(image_folder, tmp_path, tiny, amp):
+    """The autocast and GradScaler branches a GPU runs, forced on the CPU, with the prototypes frozen."""
+    result = swav.main(small_run_flags(image_folder, tmp_path / amp, "--amp", amp, "--freeze-prototypes-epochs", "0.5"))
     assert math.isfinite(result["history"][-1]["loss"])
-    assert torch.load(tmp_path / "fp16" / "checkpoint.pth", weights_only=False)["scaler"]  # the scaler ran
+    scaler = torch.load(tmp_path / amp / "checkpoint.pth", weights_only=False)["scaler"]
+    assert bool(scaler) == (amp == "fp16")  # the GradScaler ran under fp16 only
 
 
 def test_torchrun_two_cpu_processes_end_identical(image_folder, tmp_path):
