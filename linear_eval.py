@@ -68,7 +68,8 @@ def get_args_parser():
     r = parser.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=128,
                    help="per process; paper: linear CNN 512 x 8 = 4096, ViT 128 x 8, finetune 128 x 8")
-    r.add_argument("--workers", type=int, default=8, help="loader processes per GPU")
+    r.add_argument("--workers", type=int, default=None,
+                   help="loader processes per process; default: the node's cores / processes per node, at most 8")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
@@ -109,6 +110,7 @@ def resolve_config(args, world_size, pretrained_arch=None):
     """The evaluation's whole configuration, once: flags + the paper's values for the mode and arch."""
     config = dict(vars(args), world_size=world_size)
     config["arch"] = args.arch or pretrained_arch or "resnet18"
+    config["workers"] = loader_workers(args.workers)
     vit = backbones.is_vit(config["arch"])
     # (epochs, lr) of each mode when not given: the lr per 256 images, scaled by the global batch (fast-linear: Adam's
     # own). Fine-tuning: 60 epochs below 5% of the labels (1%), else 30 (10%), set once the subset is known.
