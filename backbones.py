@@ -12,7 +12,7 @@ zero_init_residual False, width 1.0).
 The ViT is written here (official DINO vision_transformer.py): patch 16, CLS token taken after the final
 norm, learned position embeddings interpolated bicubically to any input that is a multiple of 16
 (224 -> 14x14 patches, 128 -> 8x8, 96 -> 6x6), stochastic depth, and `last_cls_tokens(x, n)` for the
-ViT linear probe (paper §4: CLS of the last 4 blocks, each through the final norm).
+ViT linear probe (official DINO eval_linear.py: CLS of the last 4 blocks, each through the final norm).
 
 The facts a training script needs about an arch live here too: `is_vit`, `PATCH_SIZE`, `memory_format`
 (channels_last or not, per device) and `sync_batchnorm` (the one place BN becomes SyncBatchNorm).
@@ -194,7 +194,7 @@ class VisionTransformer(nn.Module):
 
     def last_cls_tokens(self, x, n=4):
         """CLS tokens of the last n blocks, each through the final norm, concatenated:
-        (B, n * embed_dim). The ViT linear-probe feature of paper §4 (n=4 -> 768 for ViT-Tiny)."""
+        (B, n * embed_dim). The ViT linear-probe feature (official DINO eval_linear.py; n=4 -> 768 for ViT-Tiny)."""
         x = self.tokens(x)
         outputs = []
         for i, block in enumerate(self.blocks):

@@ -196,7 +196,7 @@ def build_dino_net(arch, out_dim, use_bn_in_head, norm_last_layer, drop_path=0.0
 # ----------------------------------------------------------------------------------------------
 
 class DINOLoss(nn.Module):
-    """alpha * mean(global-global CE) + beta * mean(global-local CE)   (paper §3.3, Eq. 2)
+    """alpha * mean(global-global CE) + beta * mean(global-local CE)   (the paper's re-balanced loss, Sec. 3.3.4)
 
     gg pairs: (teacher g1, student g2), (teacher g2, student g1)          -> n_gg = 2
     gl pairs: every teacher global view with every student local view    -> n_gl = 2 * n_local

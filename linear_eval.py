@@ -1,4 +1,4 @@
-"""Evaluate a pre-trained backbone (SSLight, Tan, Saleh, Martinez, ICLR 2023, paper §4): the paper's linear probe,
+"""Evaluate a pre-trained backbone (SSLight, Tan, Saleh, Martinez, ICLR 2023): the paper's linear probe,
 weighted kNN, a fast probe on cached features, and semi-supervised fine-tuning.
 
     python linear_eval.py --checkpoint runs/dino-resnet18/checkpoint.pth --data /path/imagenet     # linear probe
@@ -34,11 +34,11 @@ import views
 from views import UserError
 
 PROTOCOLS = {
-    "linear": "the paper's probe (paper §4; SSLight's classification/config/exp_yamls/*_linear.yaml): frozen backbone "
+    "linear": "the paper's probe (SSLight's classification/config/exp_yamls/*_linear.yaml): frozen backbone "
               "in eval mode, CNN pooled feature + LARS lr 0.05/256, ViT last-4 CLS + SGD lr 0.01/256, no weight decay",
     "fast-linear": "NOT the paper's protocol: a linear layer on cached centre-crop features (no augmentation), Adam",
     "knn": "weighted kNN, train bank -> val (official DINO eval_knn.py); SSLight's own monitor ran val-vs-val",
-    "finetune": "the paper's semi-supervised fine-tuning (paper §4; SSLight's dino_*_semi.yaml): whole network, "
+    "finetune": "the paper's semi-supervised fine-tuning (SSLight's classification dino_*_semi.yaml): whole network, "
                 "MLP head from the DINO projection head, SGD Nesterov lr 0.03/256",
 }
 # Where each pre-training script keeps the network whose "backbone.*" keys are evaluated.
@@ -46,7 +46,7 @@ MODEL_KEYS = {"dino": None, "moco": "query_encoder", "swav": "model"}  # dino: -
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Linear probe / kNN / fine-tuning of a pre-trained backbone (paper §4)",
+    parser = argparse.ArgumentParser("Linear probe / kNN / fine-tuning of a pre-trained backbone",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e = parser.add_argument_group("what to evaluate")
     e.add_argument("--mode", default="linear", choices=list(PROTOCOLS),
@@ -227,7 +227,7 @@ def backbone_from(state, info, arch):
 
 def probe_features(backbone, n_last_blocks=4):
     """-> (images -> features, dim). CNN: the global-average-pooled output; ViT: the CLS tokens of the last
-    n blocks, each through the final norm, concatenated (paper §4, official DINO eval_linear.py: 4 x 192 = 768)."""
+    n blocks, each through the final norm, concatenated (official DINO eval_linear.py: 4 x 192 = 768)."""
     if getattr(backbone, "is_vit", False):
         return (lambda images: backbone.last_cls_tokens(images, n_last_blocks)), backbone.feat_dim * n_last_blocks
     return backbone, backbone.feat_dim

@@ -265,7 +265,7 @@ def assign_codes(scores, embeddings, prototypes, queue, batch, epsilon=0.05, ite
 
 
 def swapped_prediction_loss(scores, codes, local_crops, alpha, beta, temperature=0.1):
-    """alpha * mean(global-global CE) + beta * mean(global-local CE)   (paper §3.3, Eq. 2)
+    """alpha * mean(global-global CE) + beta * mean(global-local CE)   (the paper's re-balanced loss, Sec. 3.3.4)
 
     ce[a, v] = mean over the batch of -sum_k q_a log softmax(scores_v / T): the code of global crop a
     predicted from crop v. gg: (0 <- 1), (1 <- 0); gl: each code from each local.

@@ -1,7 +1,7 @@
 """Images in, views out: the paper's multi-crop view sampling (SSLight, Tan, Saleh, Martinez, ICLR 2023).
 
 The paper changes no SSL objective. For small networks it changes only how views are sampled and
-how the loss pairs are weighted (paper §3.3; SSLight's src/config/exp_yamls/*_{baseline,sslight}.yaml):
+how the loss pairs are weighted (paper Sec. 3.3; SSLight's src/config/exp_yamls/*_{baseline,sslight}.yaml):
 
     global crops   scale (0.14 or 0.25, 1)    ->  (0.3, 1)
     local crops    scale (0.05, 0.14 or 0.25) ->  (0.05, 0.3)
@@ -72,7 +72,7 @@ DINO_AUGMENT = dict(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=(1.0, 0.1, 0.5), solariz
 # SwAV's own: strong jitter, blur 0.5 on every view, no solarize.
 SWAV_AUGMENT = dict(jitter=(0.8, 0.8, 0.8, 0.2), blur_p=(0.5, 0.5, 0.5), solarize_p=0.0)
 
-# Keys: (method, recipe). DINO has a CNN and a ViT variant (paper Table 1; SSLight's exp_yamls).
+# Keys: (method, recipe). DINO has a CNN and a ViT variant (SSLight's src/config/exp_yamls).
 RECIPES = {
     ("dino_cnn", "baseline"): ViewRecipe((0.14, 1.0), (0.05, 0.14), 6, 96, **DINO_AUGMENT),
     ("dino_cnn", "light"): ViewRecipe((0.3, 1.0), (0.05, 0.3), 6, 128, loss_weights=(0.4, 0.6), **DINO_AUGMENT),
@@ -115,7 +115,7 @@ def get_recipe(method, recipe="light", vit=False, **overrides):
 
 
 def add_view_args(parser):
-    v = parser.add_argument_group("views (paper §3.3; --recipe light is the paper's, baseline the original method's)")
+    v = parser.add_argument_group("views (paper Sec. 3.3; --recipe light is the paper's, baseline the original method's)")
     v.add_argument("--recipe", default="light",
                    help="light: global (0.3,1), local (0.05,0.3) at 128 px, loss weights 0.4/0.6. baseline: the "
                         "original crops (CNN (0.14,1)/(0.05,0.14), ViT (0.25,1)/(0.05,0.25), 96 px), plain average. "
@@ -184,13 +184,13 @@ class MultiCropTransform:
 
 
 def eval_transform(global_size=224):
-    """Resize(256) + CenterCrop(224), bicubic, scaled for other global sizes (paper §4) -> uint8 tensor."""
+    """Resize(256) + CenterCrop(224), bicubic, scaled for other global sizes (SSLight's classification code) -> uint8."""
     return T.Compose([T.Resize(round(global_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(global_size), T.PILToTensor()])
 
 
 def probe_transform(global_size=224):
-    """The linear probe's training augmentation: RandomResizedCrop (bicubic) + flip (paper §4) -> uint8."""
+    """The linear probe's training augmentation: RandomResizedCrop (bicubic) + flip (SSLight's classification code) -> uint8."""
     return T.Compose([T.RandomResizedCrop(global_size, interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.PILToTensor()])
 

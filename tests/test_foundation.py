@@ -143,7 +143,7 @@ def test_multicrop_features_groups_by_resolution():
 
 
 # ----------------------------------------------------------------------------------------------
-# Recipes (paper Table 1; SSLight's exp_yamls), written out literally
+# Recipes (SSLight's src/config/exp_yamls), written out literally
 # ----------------------------------------------------------------------------------------------
 
 DINO_PHOTO = dict(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=(1.0, 0.1, 0.5), solarize_p=0.2)
