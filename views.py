@@ -115,7 +115,7 @@ def get_recipe(method, recipe="light", vit=False, **overrides):
 
 
 def add_view_args(parser):
-    v = parser.add_argument_group("views (paper Sec. 3.3; --recipe light is the paper's, baseline the original method's)")
+    v = parser.add_argument_group("views (paper Sec. 3.3; --recipe light is the paper's, baseline the original's)")
     v.add_argument("--recipe", default="light",
                    help="light: global (0.3,1), local (0.05,0.3) at 128 px, loss weights 0.4/0.6. baseline: the "
                         "original crops (CNN (0.14,1)/(0.05,0.14), ViT (0.25,1)/(0.05,0.25), 96 px), plain average. "
@@ -184,13 +184,14 @@ class MultiCropTransform:
 
 
 def eval_transform(global_size=224):
-    """Resize(256) + CenterCrop(224), bicubic, scaled for other global sizes (SSLight's classification code) -> uint8."""
+    """Resize(256) + CenterCrop(224), bicubic, scaled for other sizes (SSLight's classification code) -> uint8."""
     return T.Compose([T.Resize(round(global_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
                       T.CenterCrop(global_size), T.PILToTensor()])
 
 
 def probe_transform(global_size=224):
-    """The linear probe's training augmentation: RandomResizedCrop (bicubic) + flip (SSLight's classification code) -> uint8."""
+    """The linear probe's training augmentation (SSLight's classification code): RandomResizedCrop (bicubic) + flip
+    -> uint8."""
     return T.Compose([T.RandomResizedCrop(global_size, interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.PILToTensor()])
 
