@@ -7,8 +7,10 @@ expose (their model builders, losses and update functions); nothing in them is p
 
 step: one training step on fixed random crops already on the device (forward, loss, backward, optimizer,
 EMA / queue / centre), timed over --steps after --warmup steps; img/s and, on CUDA, peak memory.
-data: JPEG on disk -> the multi-crop views through the DataLoader -> normalised on the device, img/s, the
-workers' CPU ms per image, and the bytes per batch as uint8 (what the loader ships) and as float32.
+data: JPEG on disk -> the multi-crop views through the DataLoader (--views-on loader) or decoded images
+sampled into views on --device (--views-on device) -> normalised crops on the device: img/s, CPU ms per
+image in the loader processes and in the main one, the MB per batch the loader ships (uint8) and the MB of
+the float32 crops it becomes.
 The paper's throughput setting: batch 128 per GPU, 2x224 + 6x96 (baseline) or 6x128 (light); ViT-Tiny 10 locals.
 """
 import argparse
@@ -142,46 +144,52 @@ def benchmark_step(args):
                 torch=torch.__version__)
 
 
-class TimedTransform:
-    """The multi-crop transform, adding each call's CPU time to a counter shared by the loader processes."""
+class TimedDataset(torch.utils.data.Dataset):
+    """A data set whose items' CPU time (read, decode, transform) is added to a counter that the loader
+    processes share."""
 
-    def __init__(self, transform):
-        self.transform, self.cpu_seconds = transform, torch.zeros((), dtype=torch.float64).share_memory_()
+    def __init__(self, dataset):
+        self.dataset, self.cpu_seconds = dataset, torch.zeros((), dtype=torch.float64).share_memory_()
 
-    def __call__(self, image):
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
         start = time.process_time()
-        out = self.transform(image)
+        item = self.dataset[index]
         self.cpu_seconds += time.process_time() - start
-        return out
+        return item
 
 
 def benchmark_data(args):
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     recipe = views.get_recipe(args.method, args.recipe, backbones.is_vit(args.arch), global_size=args.global_size,
                               local_crops=args.local_crops)
-    transform = TimedTransform(views.MultiCropTransform(recipe))
-    dataset = views.build_dataset(args.data, transform)
+    worker_transform, collate, sampler = views.view_pipeline(recipe, args.views_on)
+    dataset = TimedDataset(views.build_dataset(args.data, worker_transform))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
-                                         prefetch_factor=2 if args.workers else None)
+                                         collate_fn=collate, prefetch_factor=2 if args.workers else None)
     batches = iter(loader)
     for _ in range(args.warmup):
         next(batches)
-    transform.cpu_seconds.zero_()
-    start = time.time()
+    dataset.cpu_seconds.zero_()
+    start, main_cpu = time.time(), time.process_time()
     for _ in range(args.steps):
-        crops, _ = next(batches)
-        crops = [views.normalize(c, device) for c in crops]
+        batch = next(batches)
+        crops = views.batch_to_crops(batch, device, sampler=sampler)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    elapsed = time.time() - start
+    elapsed, main_cpu = time.time() - start, time.process_time() - main_cpu
     images = args.steps * args.batch_size
-    uint8_bytes = sum(c.numel() for c in crops)  # one byte per value
+    shipped = batch[0] if sampler else torch.cat([c.flatten() for c in batch[0]])  # what the workers send, uint8
     return dict(mode="data", data=args.data, method=args.method, recipe=args.recipe, views=views.describe(recipe),
                 batch_size=args.batch_size, workers=args.workers, cpu_count=os.cpu_count(),
                 img_per_s=round(images / elapsed, 1),
-                worker_cpu_ms_per_image=round(1000 * transform.cpu_seconds.item() / max(1, images), 1),
-                batch_mb_uint8=round(uint8_bytes / 2**20, 1), batch_mb_float32=round(4 * uint8_bytes / 2**20, 1),
+                views_on=args.views_on, worker_cpu_ms_per_image=round(1000 * dataset.cpu_seconds.item() / images, 1),
+                main_process_cpu_ms_per_image=round(1000 * main_cpu / images, 1),
+                batch_mb_shipped_uint8=round(shipped.numel() / 2**20, 2),
+                batch_mb_crops_float32=round(4 * sum(c.numel() for c in crops) / 2**20, 2),
                 device=str(device), torch=torch.__version__)
 
 
@@ -201,6 +209,8 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=20, help="timed steps / batches")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps / batches first")
     parser.add_argument("--data", default="synthetic", help="data mode: " + views.DATA_HELP)
+    parser.add_argument("--views-on", default="loader", choices=["loader", "device"],
+                        help="data mode: views made by the loader processes (PIL) or sampled on --device in batches")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="data mode: loader processes")
     parser.add_argument("--json", default=None, help="also append the result as one JSON line to this file")
     args = parser.parse_args()
