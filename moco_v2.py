@@ -488,7 +488,7 @@ def main(argv=None):
         log(f"epoch {epoch + 1}/{config.epochs}: loss {means[0]:.4f} (ln(K+1) {chance_loss:.3f}), contrastive top-1 "
             f"{100 * means[1]:.1f} %, key std {means[2]:.4f} (~{1 / math.sqrt(config.dim):.3f} healthy)"
             + (f", kNN top-1 {record['knn_top1']:.2f} %{untrained}" if "knn_top1" in record else ""))
-        same_keys, at_chance = means[2] < 0.05 / math.sqrt(config.dim), means[0] >= 0.99 * chance_loss
+        same_keys, at_chance = means[2] < 0.01 / math.sqrt(config.dim), means[0] >= 0.99 * chance_loss
         if same_keys or at_chance:
             what = "every image gives the same key" if same_keys else "the positive is no better than a negative"
             log(f"collapse: {what} (key std {means[2]:.2e}, loss {means[0]:.3f} of ln(K+1) {chance_loss:.3f}). "

@@ -39,7 +39,7 @@ PAPER_WARMUPS = dict(warmup_epochs=10, epoch_queue_starts=15, freeze_prototypes_
 # Settings of this machine and command, never taken from a checkpoint.
 THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export"}
 # Settings a resumed run may change when typed again; every other one is compared with the checkpoint's.
-RESUMABLE = THIS_RUN | {"eval_data", "eval_every", "epochs", "views_on"}
+RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}  # a moved --data: its size is checked
 
 
 def get_args_parser():
@@ -85,6 +85,9 @@ def get_args_parser():
                    help="the queue is created after this many epochs (a fraction works) and used once full: the "
                         "paper's 15 of 200 epochs, the same 7.5%% of a shorter run")
     o = parser.add_argument_group("optimisation (the paper: LARS, constant weight decay, no clipping, no EMA)")
+    o.add_argument("--optimizer", default="lars", choices=["lars", "sgd"],
+                   help="the paper: lars. LARS's trust ratio (eta 0.001) moves weights slowly: a run of a few hundred "
+                        "steps learns with sgd (momentum 0.9) at a few tenths per 256 images")
     o.add_argument("--lr", type=float, default=0.3, help="base lr per 256 images (peak = lr * global batch / 256: "
                                                         "1.2 at 1024)")
     o.add_argument("--start-warmup", type=float, default=0.075,
@@ -376,7 +379,8 @@ def main(argv=None):
     queue = None  # created after --epoch-queue-starts epochs
 
     # ============ optimizer and schedule (one value per iteration) ============
-    optimizer = LARS(param_groups([model]))
+    groups = param_groups([model])
+    optimizer = LARS(groups) if config.optimizer == "lars" else torch.optim.SGD(groups, lr=0.0, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     lr_schedule = cosine_schedule(peak_lr, config.min_lr, config.epochs, iters_per_epoch, config.warmup_epochs,
                                   start_warmup=start_warmup)

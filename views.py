@@ -403,16 +403,22 @@ def batch_to_crops(batch, device, memory_format=torch.contiguous_format, sampler
 DATA_HELP = ("an ImageFolder root (ImageNet layout: DIR/train), a flat folder of images, cifar10 | cifar100 | stl10 "
              "(torchvision, downloaded into ./data), or synthetic (the built-in demo set, no files)")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-SHAPES = ["circle", "square", "triangle", "cross", "ring", "diamond", "star", "h_stripes", "v_stripes", "checker"]
+TEXTURES = ["h_stripes", "v_stripes", "checker", "dots", "rings", "grid", "triangles", "crosses", "diagonal", "zigzag"]
 
 
-class SyntheticShapes(torch.utils.data.Dataset):
-    """A deterministic 10-class demo set made on the fly: class = a shape or texture at a random
-    position, size and rotation, in random colours. No files, no download."""
+class SyntheticTextures(torch.utils.data.Dataset):
+    """The built-in demo set, made on the fly (no files): 10 classes, each a periodic pattern that FILLS the
+    image, in the same two grey levels for every image. Why: multi-crop SSL learns what two crops of one image
+    share. Here that can only be the pattern, since every crop (even a 5%-area local one) shows it; a per-image
+    colour would be a better instance cue than the class, and the networks would learn colour instead (they
+    did: kNN fell while the loss fell). What varies per image is what the augmentations vary too: the period
+    (0.14-0.22 of the side), the phase, the stroke thickness and, for 'diagonal', the direction."""
 
-    def __init__(self, num_images=2000, size=64, transform=None, seed=0):
+    BACKGROUND, FOREGROUND = (30, 30, 30), (225, 225, 225)
+
+    def __init__(self, num_images=640, size=64, transform=None, seed=0):
         self.num_images, self.size, self.transform, self.seed = num_images, size, transform, seed
-        self.classes = SHAPES
+        self.classes = TEXTURES
 
     def __len__(self):
         return self.num_images
@@ -420,36 +426,49 @@ class SyntheticShapes(torch.utils.data.Dataset):
     def render(self, index):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         rand = lambda: torch.rand((), generator=g).item()
-        colour = lambda: tuple(int(c) for c in torch.randint(0, 256, (3,), generator=g))
-        label, s = index % len(SHAPES), self.size
-        image = Image.new("RGB", (s, s), colour())
-        draw, fg, shape = ImageDraw.Draw(image), colour(), SHAPES[label]
-        if shape.endswith("stripes") or shape == "checker":
-            period = max(2, int(s * (0.1 + 0.15 * rand())))
-            for a in range(0, s, period):
-                for b in range(0, s, period):
-                    on = {"h_stripes": (b // period) % 2, "v_stripes": (a // period) % 2,
-                          "checker": (a // period + b // period) % 2}[shape]
-                    if on:
-                        draw.rectangle([a, b, a + period - 1, b + period - 1], fill=fg)
-            return image, label
-        r = s * (0.2 + 0.15 * rand())
-        cx, cy, turn = r + (s - 2 * r) * rand(), r + (s - 2 * r) * rand(), 2 * math.pi * rand()
-        polygon = lambda radii, n: [(cx + radii[k % len(radii)] * math.cos(turn + 2 * math.pi * k / n),
-                                     cy + radii[k % len(radii)] * math.sin(turn + 2 * math.pi * k / n))
-                                    for k in range(n)]
-        if shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fg)
-        elif shape == "ring":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=max(2, int(r / 3)))
-        elif shape in ("square", "diamond", "triangle", "star"):
-            radii, corners = {"square": ([r], 4), "diamond": ([r, 0.5 * r], 4), "triangle": ([r], 3),
-                              "star": ([r, 0.4 * r], 10)}[shape]
-            draw.polygon(polygon(radii, corners), fill=fg)
-        elif shape == "cross":
-            w = r / 3
-            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
-            draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
+        label, s, fg, name = index % len(TEXTURES), self.size, self.FOREGROUND, TEXTURES[index % len(TEXTURES)]
+        image = Image.new("RGB", (s, s), self.BACKGROUND)
+        draw = ImageDraw.Draw(image)
+        p = s * (0.14 + 0.08 * rand())  # period in pixels
+        ox, oy = p * rand(), p * rand()  # phase
+        t = max(1, round(p * (0.35 + 0.15 * rand())))  # stripe thickness
+        n = int(s / p) + 3
+        for i in range(-1, n):
+            for j in range(-1, n):
+                x, y = round(ox + i * p - p), round(oy + j * p - p)  # integers: PIL needs x1 >= x0
+                cx, cy, r = x + p / 2, y + p / 2, p * 0.42
+                if name == "h_stripes" and i == 0:
+                    draw.rectangle([0, y, s, y + t - 1], fill=fg)
+                elif name == "v_stripes" and j == 0:
+                    draw.rectangle([x, 0, x + t - 1, s], fill=fg)
+                elif name == "checker" and (i + j) % 2 == 0:
+                    draw.rectangle([x, y, x + p - 1, y + p - 1], fill=fg)
+                elif name == "dots":
+                    draw.ellipse([cx - 0.3 * p, cy - 0.3 * p, cx + 0.3 * p, cy + 0.3 * p], fill=fg)
+                elif name == "grid":
+                    w = max(1, round(p * 0.15))
+                    draw.rectangle([x, y, x + w - 1, y + p], fill=fg)
+                    draw.rectangle([x, y, x + p, y + w - 1], fill=fg)
+                elif name == "triangles":
+                    draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fg)
+                elif name == "crosses":
+                    a, w = p * 0.4, max(1, p * 0.12)
+                    draw.rectangle([cx - a, cy - w, cx + a, cy + w], fill=fg)
+                    draw.rectangle([cx - w, cy - a, cx + w, cy + a], fill=fg)
+                elif name == "rings":
+                    draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=max(1, round(p * 0.12)))
+        if name == "diagonal":
+            direction = 1 if rand() < 0.5 else -1
+            for k in range(-n, 2 * n):
+                x0, w = ox + k * p, t * 1.2
+                corners = [(x0, 0), (x0 + w, 0), (x0 + w - s, s), (x0 - s, s)] if direction > 0 else \
+                    [(x0 - s, 0), (x0 - s + w, 0), (x0 + w, s), (x0, s)]
+                draw.polygon(corners, fill=fg)
+        elif name == "zigzag":
+            for j in range(-1, n):
+                xs = [ox + k * p / 2 - p for k in range(2 * n + 2)]
+                draw.line([(x, oy + j * p + (p * 0.4 if k % 2 else 0)) for k, x in enumerate(xs)], fill=fg,
+                          width=max(1, round(p * 0.18)))
         return image, label
 
     def __getitem__(self, index):
@@ -508,7 +527,7 @@ def build_dataset(data, transform=None, split="train", download=True):
     """--data value -> Dataset of (transform(image), label). split: "train" (every training image; STL-10
     includes its 100k unlabelled ones), "labelled" (with labels, for kNN banks and probes) or "val"."""
     if data == "synthetic":
-        return SyntheticShapes(500 if split == "val" else 2000, transform=transform, seed=1 if split == "val" else 0)
+        return SyntheticTextures(500 if split == "val" else 640, transform=transform, seed=1 if split == "val" else 0)
     if data in ("cifar10", "cifar100", "stl10"):
         cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
                "stl10": torchvision.datasets.STL10}[data]

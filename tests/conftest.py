@@ -14,8 +14,8 @@ torch.set_num_threads(2)
 
 def make_image_folder(root, n_per_class=8, classes=("a", "b"), size=32):
     """A tiny ImageFolder of generated shapes (tests never download or read ../shared)."""
-    from views import SyntheticShapes
-    shapes = SyntheticShapes(10 * n_per_class, size=size)
+    from views import SyntheticTextures
+    shapes = SyntheticTextures(10 * n_per_class, size=size)
     for c, name in enumerate(classes):
         os.makedirs(os.path.join(root, name), exist_ok=True)
         for i in range(n_per_class):

@@ -398,7 +398,7 @@ def test_a_named_data_set_is_downloaded_by_rank_0_only(tmp_path):
     script.write_text(f"""import os, sys
 sys.path.insert(0, {ROOT!r})
 import torchvision, views, dino
-class FakeCIFAR10(views.SyntheticShapes):
+class FakeCIFAR10(views.SyntheticTextures):
     def __init__(self, root, download, transform, train):
         open(os.path.join({str(tmp_path)!r}, f"rank{{os.environ['RANK']}}.{{train}}.{{download}}"), "w").close()
         super().__init__(8, size=32, transform=transform)
@@ -411,3 +411,28 @@ dino.main(sys.argv[1:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.glob("rank*")) == [
         "rank0.False.True", "rank0.True.True", "rank1.False.False", "rank1.True.False"]
+
+
+def test_a_tiny_run_learns_a_representation_that_beats_the_untrained_one(tmp_path):
+    """The smallest setting in which DINO visibly learns on a CPU: 60 texture images (6 per class) at 32 px, seen
+    30 times (90 steps), with the quick start's short-run settings. The kNN of the trained teacher must beat the
+    untrained network's by 10 points (seeds 0-2 gave +22 to +31), with a healthy teacher: its entropy well below
+    ln K (no uniform collapse) and its outputs spread over images. The same run on images whose colour
+    identifies them, or with the paper's 200-epoch schedules squeezed into 90 steps, gains nothing."""
+    import views
+    for split, count, seed in (("train", 60, 0), ("val", 200, 1)):
+        textures = views.SyntheticTextures(count, size=32, seed=seed)
+        for i in range(count):
+            image, label = textures.render(i)
+            (tmp_path / split / textures.classes[label]).mkdir(parents=True, exist_ok=True)
+            image.save(tmp_path / split / textures.classes[label] / f"{i:03d}.png")
+    history = dino.main(["--data", str(tmp_path / "train"), "--eval-data", str(tmp_path), "--output-dir",
+                         str(tmp_path / "run"), "--global-size", "32", "--batch-size", "20", "--epochs", "30",
+                         "--local-crops", "2", "--out-dim", "64", "--workers", "0", "--eval-every", "1000",
+                         "--optimizer", "sgd", "--lr", "0.6", "--min-lr", "1e-3", "--warmup-epochs", "0",
+                         "--warmup-teacher-temp-epochs", "0", "--teacher-temp", "0.01", "--momentum-teacher", "0.99",
+                         "--freeze-last-layer", "0", "--log-every", "100"])["history"]
+    untrained, final = history[0]["knn_top1"], history[-1]["knn_top1"]
+    assert final >= untrained + 10, (untrained, final)
+    assert history[-1]["teacher_entropy"] < 0.5 * math.log(64) and history[-1]["embedding_std"] > 0.2 / 8
+    assert history[-1]["loss"] < 0.95 * math.log(64)  # the loss has left ln K

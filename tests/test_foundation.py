@@ -324,7 +324,7 @@ def test_eval_transform_sizes():
 
 def test_views_script_writes_the_picture(tmp_path):
     source = tmp_path / "shape.png"
-    views.SyntheticShapes(10, size=96).render(3)[0].save(source)
+    views.SyntheticTextures(10, size=96).render(3)[0].save(source)
     out = tmp_path / "views.png"
     result = subprocess.run([sys.executable, os.path.join(REPO, "views.py"), str(source), "--method", "dino",
                              "--compare", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
@@ -347,18 +347,21 @@ def _pixels(image):
     return torch.as_tensor(bytearray(image.tobytes()))
 
 
-def test_synthetic_shapes():
-    ds = views.SyntheticShapes(100, size=32)
+def test_synthetic_textures():
+    ds = views.SyntheticTextures(100, size=32)
+    # No per-image colour (it would be a better instance cue than the class): two grey levels everywhere.
+    grey_levels = {views.SyntheticTextures.BACKGROUND, views.SyntheticTextures.FOREGROUND}
+    assert all(set(zip(*[iter(ds[i][0].tobytes())] * 3)) <= grey_levels for i in range(20))
     assert len(ds) == 100 and len(ds.classes) == 10
     labels = [ds[i][1] for i in range(100)]
     assert labels == [i % 10 for i in range(100)]
     assert torch.bincount(torch.tensor(labels)).tolist() == [10] * 10
-    assert torch.equal(_pixels(ds[7][0]), _pixels(views.SyntheticShapes(100, size=32)[7][0]))
+    assert torch.equal(_pixels(ds[7][0]), _pixels(views.SyntheticTextures(100, size=32)[7][0]))
     assert ds[7][0].size == (32, 32)
     assert not torch.equal(_pixels(ds[7][0]), _pixels(ds[17][0]))  # same class, different image
     assert not torch.equal(_pixels(ds[7][0]), _pixels(ds[8][0]))
-    assert not torch.equal(_pixels(ds[7][0]), _pixels(views.SyntheticShapes(100, size=32, seed=1)[7][0]))
-    tensor, label = views.SyntheticShapes(10, size=32, transform=torchvision.transforms.ToTensor())[3]
+    assert not torch.equal(_pixels(ds[7][0]), _pixels(views.SyntheticTextures(100, size=32, seed=1)[7][0]))
+    tensor, label = views.SyntheticTextures(10, size=32, transform=torchvision.transforms.ToTensor())[3]
     assert tensor.shape == (3, 32, 32) and label == 3
 
 
@@ -431,7 +434,7 @@ def test_image_files_too_many_corrupt_images(tmp_path):
 
 def test_build_dataset(tmp_path, monkeypatch):
     train, val = views.build_eval_datasets("synthetic", None)
-    assert isinstance(train, views.SyntheticShapes) and (len(train), len(val)) == (2000, 500)
+    assert isinstance(train, views.SyntheticTextures) and (len(train), len(val)) == (640, 500)
     assert not torch.equal(_pixels(train[0][0]), _pixels(val[0][0]))
     _write_images(tmp_path / "ev" / "train" / "a", ["1.png"])
     _write_images(tmp_path / "ev" / "val" / "a", ["2.png"])
