@@ -77,7 +77,7 @@ def moco_step(arch, recipe, batch_size, device, fmt):
         moco_v2.ema_update(key_params, query_params, 0.999)
         with autocast:
             q, k = moco_v2.moco_forward(query_encoder, key_encoder, crops, key_bn, bn_splits)
-        logits = moco_v2.moco_logits(q.float(), k.float(), queue.queue, 0.2)
+        logits = moco_v2.moco_logits(q.float(), k.float(), queue.keys, 0.2)
         loss = moco_v2.moco_loss(logits, 1 + recipe.local_crops, alpha, beta)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
