@@ -26,14 +26,20 @@ import backbones  # noqa: E402
 import views  # noqa: E402
 
 
-def dino_step(arch, recipe, batch_size, device, fmt):
-    """-> (the modules, step(crops)): DINO's step as dino.py's loop runs it."""
+def ddp(module, world_size):
+    return torch.nn.parallel.DistributedDataParallel(module) if world_size > 1 else module
+
+
+def dino_step(arch, recipe, batch_size, device, fmt, world_size=1):
+    """-> step(crops, autocast, scaler): DINO's step as dino.py's loop runs it."""
     import dino
     defaults = dino.PAPER_DEFAULTS["vit" if backbones.is_vit(arch) else "cnn"]
     student = dino.build_dino_net(arch, defaults["out_dim"], defaults["use_bn_in_head"], defaults["norm_last_layer"],
                                   defaults["drop_path"])
     teacher = dino.build_dino_net(arch, defaults["out_dim"], defaults["use_bn_in_head"], defaults["norm_last_layer"])
-    student, teacher = student.to(device, memory_format=fmt), teacher.to(device, memory_format=fmt)
+    to_device = lambda net: backbones.sync_batchnorm(net, device, world_size).to(device, memory_format=fmt)
+    student, teacher = to_device(student), to_device(teacher)
+    student_ddp = ddp(student, world_size)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     loss_fn = dino.DINOLoss(defaults["out_dim"], recipe.local_crops, *recipe.alpha_beta).to(device)
@@ -47,7 +53,7 @@ def dino_step(arch, recipe, batch_size, device, fmt):
     def step(crops, autocast, scaler):
         with autocast:
             teacher_out = teacher(crops[:2])
-            loss, _ = loss_fn(student(crops), teacher_out, 0.04)
+            loss, _ = loss_fn(student_ddp(crops), teacher_out, 0.04)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -58,17 +64,21 @@ def dino_step(arch, recipe, batch_size, device, fmt):
     return step
 
 
-def moco_step(arch, recipe, batch_size, device, fmt):
-    """MoCo's multi-crop step as moco_v2.py's loop runs it (split-BN keys in one process)."""
+def moco_step(arch, recipe, batch_size, device, fmt, world_size=1):
+    """MoCo's multi-crop step as moco_v2.py's loop runs it (keys: split-BN in one process, SyncBN or shuffle-BN
+    across processes)."""
     import moco_v2
     query_encoder, key_encoder = (moco_v2.build_moco_net(arch, 128, 2048) for _ in range(2))
-    query_encoder, key_encoder = query_encoder.to(device, memory_format=fmt), key_encoder.to(device, memory_format=fmt)
+    to_device = lambda net: backbones.sync_batchnorm(net, device, world_size).to(device, memory_format=fmt)
+    query_encoder, key_encoder = to_device(query_encoder), to_device(key_encoder)
+    query_ddp = ddp(query_encoder, world_size)
     key_encoder.load_state_dict(query_encoder.state_dict())
     key_encoder.requires_grad_(False)
     queue = moco_v2.MoCoQueue(128, 65536).to(device)
     optimizer = moco_v2.LARS(moco_v2.param_groups([query_encoder]), lr=1e-4)
     has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in query_encoder.modules())
-    key_bn = moco_v2.key_bn_mode(has_bn, 1, True)
+    key_bn = moco_v2.key_bn_mode(has_bn, world_size, any(isinstance(m, torch.nn.SyncBatchNorm)
+                                                         for m in key_encoder.modules()))
     bn_splits = moco_v2.clamp_bn_splits(8, batch_size)
     query_params, key_params = list(query_encoder.parameters()), list(key_encoder.parameters())
     alpha, beta = recipe.alpha_beta
@@ -76,22 +86,23 @@ def moco_step(arch, recipe, batch_size, device, fmt):
     def step(crops, autocast, scaler):
         moco_v2.ema_update(key_params, query_params, 0.999)
         with autocast:
-            q, k = moco_v2.moco_forward(query_encoder, key_encoder, crops, key_bn, bn_splits)
+            q, k = moco_v2.moco_forward(query_ddp, key_encoder, crops, key_bn, bn_splits)
         logits = moco_v2.moco_logits(q.float(), k.float(), queue.keys, 0.2)
         loss = moco_v2.moco_loss(logits, 1 + recipe.local_crops, alpha, beta)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        queue.enqueue(k)
+        queue.enqueue(moco_v2.all_gather_cat(k))
         return loss.detach()
     return step
 
 
-def swav_step(arch, recipe, batch_size, device, fmt):
+def swav_step(arch, recipe, batch_size, device, fmt, world_size=1):
     """SwAV's step as swav.py's loop runs it (the queue full from the start: the slowest case)."""
     import swav
-    model = swav.build_swav_net(arch).to(device, memory_format=fmt)
+    model = backbones.sync_batchnorm(swav.build_swav_net(arch), device, world_size).to(device, memory_format=fmt)
+    model_ddp = ddp(model, world_size)
     queue = swav.EmbeddingQueue(swav.queue_rows(3840, batch_size, 1), 128).to(device)
     queue.embeddings.normal_()
     optimizer = swav.LARS(swav.param_groups([model]), lr=1e-4)
@@ -100,7 +111,7 @@ def swav_step(arch, recipe, batch_size, device, fmt):
     def step(crops, autocast, scaler):
         model.normalize_prototypes()
         with autocast:
-            embeddings, scores = model(crops)
+            embeddings, scores = model_ddp(crops)
         codes = swav.assign_codes(scores.detach(), embeddings.detach(), model.prototypes.weight, queue, len(crops[0]))
         loss = swav.swapped_prediction_loss(scores, codes, recipe.local_crops, alpha, beta)
         optimizer.zero_grad(set_to_none=True)
@@ -112,7 +123,9 @@ def swav_step(arch, recipe, batch_size, device, fmt):
 
 
 def benchmark_step(args):
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    """One process, or under torchrun every process with DDP (and SyncBN on CUDA), as the scripts run."""
+    import dino  # for its copy of the plumbing's init_distributed
+    rank, world_size, device = dino.init_distributed(args.device, 0)
     amp = args.amp if device.type == "cuda" or args.amp != "bf16" else "off"
     recipe = views.get_recipe(args.method, args.recipe, backbones.is_vit(args.arch), global_size=args.global_size,
                               local_crops=args.local_crops)
@@ -120,7 +133,7 @@ def benchmark_step(args):
            "contiguous": torch.contiguous_format}[args.memory_format]
     torch.manual_seed(0)
     step = {"dino": dino_step, "moco": moco_step, "swav": swav_step}[args.method](args.arch, recipe, args.batch_size,
-                                                                                device, fmt)
+                                                                                device, fmt, world_size)
     sizes = [recipe.global_size] * 2 + [recipe.local_size] * recipe.local_crops
     crops = [torch.randn(args.batch_size, 3, s, s, device=device).contiguous(memory_format=fmt) for s in sizes]
     autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
@@ -139,7 +152,7 @@ def benchmark_step(args):
                 batch_size=args.batch_size, amp=amp, steps=args.steps, threads=torch.get_num_threads(),
                 memory_format=str(fmt).split(".")[-1],
                 device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                img_per_s=round(args.steps * args.batch_size / elapsed, 1),
+                processes=world_size, img_per_s=round(args.steps * args.batch_size * world_size / elapsed, 1),
                 peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
                 torch=torch.__version__)
 
@@ -214,9 +227,9 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="data mode: loader processes")
     parser.add_argument("--json", default=None, help="also append the result as one JSON line to this file")
     args = parser.parse_args()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # multi-process throughput: the scripts' own img/s under torchrun
-        sys.exit("error: this benchmark runs one process; under torchrun, read img_per_s in the runs' log.jsonl")
     result = benchmark_step(args) if args.mode == "step" else benchmark_data(args)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
+        sys.exit(0)
     print(json.dumps(result))
     if args.json:
         with open(args.json, "a") as f:

@@ -43,3 +43,16 @@ def test_reproduce_prints_its_commands(tmp_path):
     lines = [line for line in result.stdout.splitlines() if line.startswith("$ ")]
     assert len(lines) == 6 and "--recipe baseline" in lines[0] and "--recipe light" in lines[3]
     assert "--mode knn" in lines[1] and "--mode linear" in lines[2]
+
+
+def test_benchmark_step_under_torchrun():
+    """2 CPU processes (gloo): DDP on the student, as dino.py runs it; rank 0 reports."""
+    from conftest import free_port
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                             f"--master_port={free_port()}", os.path.join(ROOT, "tests", "benchmark.py"), "step",
+                             "--method", "moco", "--device", "cpu", "--batch-size", "4", "--global-size", "32",
+                             "--local-crops", "1", "--steps", "1", "--warmup", "1", "--amp", "off"],
+                            capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1 and '"processes": 2' in reports[0]
