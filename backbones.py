@@ -18,6 +18,7 @@ The facts a training script needs about an arch live here too: `is_vit`, `PATCH_
 (channels_last or not, per device) and `sync_batchnorm` (the one place BN becomes SyncBatchNorm).
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -202,6 +203,15 @@ class VisionTransformer(nn.Module):
             if i >= len(self.blocks) - n:
                 outputs.append(self.norm(x)[:, 0])
         return torch.cat(outputs, dim=-1)
+
+
+def export_backbone(state_dict, path, arch):
+    """Write the "backbone.*" weights of a network's state_dict alone: for CNNs they load into
+    torchvision.models.<arch>() with only the classifier keys missing; for ViTs into build_backbone(arch)."""
+    state_dict = {k[len("backbone."):]: v.cpu() for k, v in state_dict.items() if k.startswith("backbone.")}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    torch.save(state_dict, path)
+    print(f"exported the {arch} backbone ({len(state_dict)} tensors) to {path}")
 
 
 def multicrop_features(backbone, crops):

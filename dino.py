@@ -121,14 +121,8 @@ def resolve_config(args, given, world_size, saved=None):
         config["warmup_epochs"] = 10 * short
     if args.warmup_teacher_temp_epochs is None:
         config["warmup_teacher_temp_epochs"] = round(config["warmup_teacher_temp_epochs"] * short)
-    recipe = views.get_recipe("dino", args.recipe, backbones.is_vit(args.arch), global_size=args.global_size,
-                              local_size=args.local_size, local_crops=args.local_crops, global_scale=args.global_scale,
-                              local_scale=args.local_scale, loss_weights=args.loss_weights)
-    config.update(global_size=recipe.global_size, local_size=recipe.local_size, local_crops=recipe.local_crops,
-                  global_scale=recipe.global_scale, local_scale=recipe.local_scale, loss_weights=recipe.alpha_beta)
-    if backbones.is_vit(args.arch) and (recipe.global_size % 16 or recipe.local_crops and recipe.local_size % 16):
-        raise UserError(f"{args.arch} needs crops in multiples of its 16 px patches, not {recipe.global_size} / "
-                        f"{recipe.local_size} px: use --global-size 224 or 112 (locals 128 / 64), or set --local-size")
+    recipe = views.recipe_from_flags("dino", args, backbones.is_vit(args.arch), backbones.PATCH_SIZE)
+    config.update(views.resolved_view_flags(recipe))
     for name in ("epochs", "batch_size", "out_dim", "log_every", "eval_every"):
         if config[name] < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {config[name]}")
@@ -257,15 +251,6 @@ def clip_gradients(params, clip):
         g.mul_(s)
 
 
-def export_backbone(state_dict, path, arch):
-    """The backbone's weights alone: for CNNs they load into torchvision.models.<arch>() with only the
-    classifier keys missing; for ViTs into backbones.build_backbone(arch)."""
-    state_dict = {k[len("backbone."):]: v.cpu() for k, v in state_dict.items() if k.startswith("backbone.")}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(state_dict, path)
-    print(f"exported the {arch} backbone ({len(state_dict)} tensors) to {path}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +275,7 @@ def main(argv=None):
     if checkpoint and done == config.epochs:
         log(f"this run is finished: {done} epochs; checkpoint {checkpoint_path}, log {output_dir}/log.jsonl")
         if config.export and rank == 0:
-            export_backbone(checkpoint["teacher"], config.export, config.arch)
+            backbones.export_backbone(checkpoint["teacher"], config.export, config.arch)
         return dict(checkpoint=checkpoint)
     if checkpoint and config.epochs != checkpoint["config"]["epochs"]:
         log(f"extending the run from {checkpoint['config']['epochs']} to {config.epochs} epochs: "
@@ -302,9 +287,7 @@ def main(argv=None):
     log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(config).items())))
 
     # ============ data (every path and size is checked before the first step) ============
-    recipe = views.get_recipe("dino", config.recipe, backbones.is_vit(config.arch), **{
-        k: getattr(config, k) for k in ("global_size", "local_size", "local_crops", "global_scale", "local_scale")},
-        loss_weights=config.loss_weights)
+    recipe = views.recipe_from_flags("dino", config, backbones.is_vit(config.arch), backbones.PATCH_SIZE)
     if rank != 0:
         barrier()  # rank 0 downloads a named data set first
     transform, collate, view_sampler = views.view_pipeline(recipe, config.views_on)
@@ -454,7 +437,7 @@ def main(argv=None):
             write_log(os.path.join(output_dir, "log.jsonl"), history)
 
     if config.export and rank == 0:
-        export_backbone(teacher.state_dict(), config.export, config.arch)
+        backbones.export_backbone(teacher.state_dict(), config.export, config.arch)
     barrier()
     return dict(student=student, teacher=teacher, dino_loss=dino_loss, history=history)
 

@@ -120,20 +120,14 @@ def resolve_config(args, given, world_size, saved=None):
                             + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items()))
         config = dict(saved, **{k: getattr(args, k) for k in THIS_RUN | (given & RESUMABLE)})
         return types.SimpleNamespace(**config)
-    recipe = views.get_recipe("moco", args.recipe, backbones.is_vit(args.arch), global_size=args.global_size,
-                              local_size=args.local_size, local_crops=args.local_crops, global_scale=args.global_scale,
-                              local_scale=args.local_scale, loss_weights=args.loss_weights)
+    recipe = views.recipe_from_flags("moco", args, backbones.is_vit(args.arch), backbones.PATCH_SIZE)
     config = dict(vars(args), world_size=world_size)
     for key, value in PAPER_DEFAULTS["classic" if args.recipe == "classic" else "multicrop"].items():
         if config[key] is None:
             config[key] = value
     if args.warmup_epochs is None:  # the warm-up keeps the fraction of the run it has in the paper
         config["warmup_epochs"] *= min(1.0, args.epochs / PAPER_EPOCHS)
-    config.update(global_size=recipe.global_size, local_size=recipe.local_size, local_crops=recipe.local_crops,
-                  global_scale=recipe.global_scale, local_scale=recipe.local_scale, loss_weights=recipe.alpha_beta)
-    if backbones.is_vit(args.arch) and (recipe.global_size % 16 or recipe.local_crops and recipe.local_size % 16):
-        raise UserError(f"{args.arch} needs crops in multiples of its 16 px patches, not {recipe.global_size} / "
-                        f"{recipe.local_size} px: use --global-size 224 or 112 (locals 128 / 64), or set --local-size")
+    config.update(views.resolved_view_flags(recipe))
     for name in ("epochs", "batch_size", "dim", "queue_size", "bn_splits", "log_every", "eval_every"):
         if config[name] < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {config[name]}")
@@ -304,15 +298,6 @@ def ema_update(key_params, query_params, momentum):
     torch._foreach_lerp_(key_params, query_params, 1.0 - momentum)
 
 
-def export_backbone(state_dict, path, arch):
-    """The query backbone's weights alone: for CNNs they load into torchvision.models.<arch>() with only the
-    classifier keys missing; for ViTs into backbones.build_backbone(arch)."""
-    state_dict = {k[len("backbone."):]: v.cpu() for k, v in state_dict.items() if k.startswith("backbone.")}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(state_dict, path)
-    print(f"exported the {arch} backbone ({len(state_dict)} tensors) to {path}")
-
-
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
@@ -337,7 +322,7 @@ def main(argv=None):
     if checkpoint and done == config.epochs:
         log(f"this run is finished: {done} epochs; checkpoint {checkpoint_path}, log {output_dir}/log.jsonl")
         if config.export and rank == 0:
-            export_backbone(checkpoint["query_encoder"], config.export, config.arch)
+            backbones.export_backbone(checkpoint["query_encoder"], config.export, config.arch)
         return dict(checkpoint=checkpoint)
     if checkpoint and config.epochs != checkpoint["config"]["epochs"]:
         log(f"extending the run from {checkpoint['config']['epochs']} to {config.epochs} epochs: "
@@ -350,9 +335,7 @@ def main(argv=None):
     log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(config).items())))
 
     # ============ data (every path and size is checked before the first step) ============
-    recipe = views.get_recipe("moco", config.recipe, backbones.is_vit(config.arch), **{
-        k: getattr(config, k) for k in ("global_size", "local_size", "local_crops", "global_scale", "local_scale")},
-        loss_weights=config.loss_weights)
+    recipe = views.recipe_from_flags("moco", config, backbones.is_vit(config.arch), backbones.PATCH_SIZE)
     if rank != 0:
         barrier()  # rank 0 downloads a named data set first
     transform, collate, view_sampler = views.view_pipeline(recipe, config.views_on)
@@ -502,7 +485,7 @@ def main(argv=None):
             write_log(os.path.join(output_dir, "log.jsonl"), history)
 
     if config.export and rank == 0:
-        export_backbone(query_encoder.state_dict(), config.export, config.arch)
+        backbones.export_backbone(query_encoder.state_dict(), config.export, config.arch)
     barrier()
     return dict(query_encoder=query_encoder, key_encoder=key_encoder, queue=queue, history=history)
 

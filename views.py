@@ -114,6 +114,25 @@ def get_recipe(method, recipe="light", vit=False, **overrides):
     return recipe
 
 
+VIEW_FLAGS = ("global_size", "local_size", "local_crops", "global_scale", "local_scale", "loss_weights")
+
+
+def recipe_from_flags(method, flags, vit=False, patch_size=16):
+    """The recipe of --recipe with the view flags of `flags` (the parsed args, or a run's resolved config) applied.
+    A ViT's crops must be whole multiples of its patches."""
+    recipe = get_recipe(method, flags.recipe, vit, **{name: getattr(flags, name) for name in VIEW_FLAGS})
+    if vit and (recipe.global_size % patch_size or recipe.local_crops and recipe.local_size % patch_size):
+        raise UserError(f"a ViT needs crops in multiples of its {patch_size} px patches, not {recipe.global_size} / "
+                        f"{recipe.local_size} px: use --global-size 224 or 112 (locals 128 / 64), or set --local-size")
+    return recipe
+
+
+def resolved_view_flags(recipe):
+    """The values the recipe's view flags resolved to, for a run's config (and its resume check)."""
+    return dict(global_size=recipe.global_size, local_size=recipe.local_size, local_crops=recipe.local_crops,
+                global_scale=recipe.global_scale, local_scale=recipe.local_scale, loss_weights=recipe.alpha_beta)
+
+
 def add_view_args(parser):
     v = parser.add_argument_group("views (paper Sec. 3.3; --recipe light is the paper's, baseline the original's)")
     v.add_argument("--recipe", default="light",

@@ -521,3 +521,15 @@ def test_device_facts_of_the_archs():
     assert backbones.sync_batchnorm(model, "cuda", 1) is model  # one process: nothing to sync
     synced = backbones.sync_batchnorm(model, "cuda", 2)  # converted, not run (no GPU here)
     assert any(isinstance(m, nn.SyncBatchNorm) for m in synced.modules())
+
+
+def test_recipe_from_flags_checks_vit_patches_for_every_method():
+    import argparse
+    flags = argparse.Namespace(recipe="light", global_size=32, local_size=None, local_crops=None, global_scale=None,
+                               local_scale=None, loss_weights=None)
+    for method in ("dino", "moco", "swav"):
+        with pytest.raises(views.UserError, match="multiples of its 16 px patches, not 32 / 18 px"):
+            views.recipe_from_flags(method, flags, vit=True)
+        recipe = views.recipe_from_flags(method, flags)  # a CNN takes any size
+        resolved = views.resolved_view_flags(recipe)
+        assert views.recipe_from_flags(method, argparse.Namespace(recipe="light", **resolved)) == recipe
