@@ -371,7 +371,9 @@ def main(argv=None):
         student.train(), teacher.train()  # the teacher stays in train mode: its BN uses batch statistics
         sums = torch.zeros(4, device=device)  # loss, teacher entropy, student entropy, embedding std
         start = time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0, dynamic_ncols=True)
+        # the copy of the next batch runs beside this step on CUDA
+        bar = tqdm(views.Prefetcher(loader, device), desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0,
+                   dynamic_ncols=True)
         for i, batch in enumerate(bar):
             it = epoch * iters_per_epoch + i  # global iteration: index into the schedules
             for group in optimizer.param_groups:

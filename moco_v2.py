@@ -424,7 +424,9 @@ def main(argv=None):
         query_encoder.train(), key_encoder.train()  # the key encoder's BN uses batch statistics (guarded above)
         sums = torch.zeros(3, device=device)  # loss, contrastive top-1, embedding std
         start = time.time()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0, dynamic_ncols=True)
+        # the copy of the next batch runs beside this step on CUDA
+        bar = tqdm(views.Prefetcher(loader, device), desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0,
+                   dynamic_ncols=True)
         for i, batch in enumerate(bar):
             it = epoch * iters_per_epoch + i  # global iteration: index into the schedule
             for group in optimizer.param_groups:

@@ -415,6 +415,45 @@ def batch_to_crops(batch, device, memory_format=torch.contiguous_format, sampler
     return sampler(images.to(device, non_blocking=True), sizes, memory_format=memory_format)
 
 
+class Prefetcher:
+    """Iterates a loader one batch ahead. On CUDA, batch i + 1's tensors (pinned by the loader) are copied on a
+    side stream while step i computes on the default one, so the copy engine works beside the kernels; the
+    default stream waits for the copy before it reads the batch. Elsewhere the batches pass through unchanged."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __len__(self):
+        return len(self.loader)
+
+    def _each(self, batch, fn):
+        return [self._each(b, fn) if isinstance(b, (list, tuple)) else fn(b) for b in batch]
+
+    def _copy(self, batch, stream):
+        with torch.cuda.stream(stream):
+            return self._each(batch, lambda t: t.to(self.device, non_blocking=True))
+
+    def _ready(self, batch, stream):
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_stream(stream)  # the step reads the batch only once its copy is done
+        self._each(batch, lambda t: t.record_stream(compute))  # and its memory is not reused while the step runs
+        return batch
+
+    def __iter__(self):
+        if self.device.type != "cuda":
+            yield from self.loader
+            return
+        stream, upcoming = torch.cuda.Stream(self.device), None
+        for batch in self.loader:
+            if upcoming is not None:
+                current, upcoming = upcoming, self._copy(batch, stream)  # start the next copy, then hand out
+                yield self._ready(current, stream)
+            else:
+                upcoming = self._copy(batch, stream)
+        if upcoming is not None:
+            yield self._ready(upcoming, stream)
+
+
 # ----------------------------------------------------------------------------------------------
 # Data sets: an image folder, a torchvision set, or the built-in synthetic demo
 # ----------------------------------------------------------------------------------------------

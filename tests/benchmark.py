@@ -4,6 +4,7 @@ expose (their model builders, losses and update functions); nothing in them is p
     python tests/benchmark.py step --method dino --arch resnet18 --recipe light --batch-size 128
     python tests/benchmark.py step --method moco --arch mobilenet_v2 --amp bf16
     python tests/benchmark.py data --data data/imagenette2-112/train --global-size 112 --workers 2
+    python tests/benchmark.py train --data data/imagenette2-112/train --global-size 224 --workers 16 --amp bf16
 
 step: one training step on fixed random crops already on the device (forward, loss, backward, optimizer,
 EMA / queue / centre), timed over --steps after --warmup steps; img/s and, on CUDA, peak memory.
@@ -11,6 +12,8 @@ data: JPEG on disk -> the multi-crop views through the DataLoader (--views-on lo
 sampled into views on --device (--views-on device) -> normalised crops on the device: img/s, CPU ms per
 image in the loader processes and in the main one, the MB per batch the loader ships (uint8) and the MB of
 the float32 crops it becomes.
+train: end to end in one process, JPEG on disk -> loss, as a script's loop runs (with --prefetch 1, through
+views.Prefetcher: on CUDA the next batch's host-to-device copy runs on a side stream beside the step).
 The paper's throughput setting: batch 128 per GPU, 2x224 + 6x96 (baseline) or 6x128 (light); ViT-Tiny 10 locals.
 """
 import argparse
@@ -174,8 +177,8 @@ class TimedDataset(torch.utils.data.Dataset):
         return item
 
 
-def benchmark_data(args):
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+def build_loader(args, device):
+    """The scripts' input path: -> (recipe, the loader over a TimedDataset, the device sampler or None)."""
     recipe = views.get_recipe(args.method, args.recipe, backbones.is_vit(args.arch), global_size=args.global_size,
                               local_crops=args.local_crops)
     worker_transform, collate, sampler = views.view_pipeline(recipe, args.views_on)
@@ -183,6 +186,13 @@ def benchmark_data(args):
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.workers, pin_memory=device.type == "cuda",
                                          collate_fn=collate, prefetch_factor=2 if args.workers else None)
+    return recipe, loader, sampler
+
+
+def benchmark_data(args):
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    recipe, loader, sampler = build_loader(args, device)
+    dataset = loader.dataset
     batches = iter(loader)
     for _ in range(args.warmup):
         next(batches)
@@ -206,9 +216,44 @@ def benchmark_data(args):
                 device=str(device), torch=torch.__version__)
 
 
+def benchmark_train(args):
+    """End to end in one process, as a script's loop runs: JPEG on disk -> loader -> (Prefetcher: the next
+    batch's copy beside this step on CUDA) -> normalised crops or device-sampled views -> the step."""
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    amp = args.amp if device.type == "cuda" or args.amp != "bf16" else "off"
+    fmt = backbones.memory_format(args.arch, device)
+    recipe, loader, sampler = build_loader(args, device)
+    torch.manual_seed(0)
+    step = {"dino": dino_step, "moco": moco_step, "swav": swav_step}[args.method](args.arch, recipe, args.batch_size,
+                                                                                device, fmt)
+    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    epoch = views.Prefetcher(loader, device) if args.prefetch else loader
+    batches = (batch for _ in iter(int, 1) for batch in epoch)  # epoch after epoch, as long as asked
+    run = lambda: step(views.batch_to_crops(next(batches), device, fmt, sampler), autocast, scaler)
+    for _ in range(args.warmup):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.time()
+    for _ in range(args.steps):
+        loss = run()
+    loss.item()  # waits for the device
+    elapsed = time.time() - start
+    return dict(mode="train", data=args.data, method=args.method, arch=args.arch, recipe=args.recipe,
+                views=views.describe(recipe), views_on=args.views_on, prefetch=args.prefetch,
+                batch_size=args.batch_size, workers=args.workers, amp=amp, steps=args.steps,
+                memory_format=str(fmt).split(".")[-1], cpu_count=os.cpu_count(),
+                device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                img_per_s=round(args.steps * args.batch_size / elapsed, 1),
+                peak_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+                torch=torch.__version__)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=["step", "data"])
+    parser.add_argument("mode", choices=["step", "data", "train"])
     parser.add_argument("--method", default="dino", choices=["dino", "moco", "swav"])
     parser.add_argument("--arch", default="resnet18", choices=backbones.ARCHS)
     parser.add_argument("--recipe", default="light", help="light (2x224 + 6x128) or baseline (2x224 + 6x96)")
@@ -221,13 +266,15 @@ if __name__ == "__main__":
                         help="step mode: auto = backbones.memory_format (what the scripts use)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps / batches")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps / batches first")
-    parser.add_argument("--data", default="synthetic", help="data mode: " + views.DATA_HELP)
+    parser.add_argument("--data", default="synthetic", help="data, train: " + views.DATA_HELP)
     parser.add_argument("--views-on", default="loader", choices=["loader", "device"],
-                        help="data mode: views made by the loader processes (PIL) or sampled on --device in batches")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="data mode: loader processes")
+                        help="data, train: views made by the loader processes (PIL) or sampled on --device in batches")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="data, train: loader processes")
+    parser.add_argument("--prefetch", type=int, choices=[0, 1], default=1,
+                        help="train mode: 1 = through views.Prefetcher as the scripts (CUDA: copy on a side stream)")
     parser.add_argument("--json", default=None, help="also append the result as one JSON line to this file")
     args = parser.parse_args()
-    result = benchmark_step(args) if args.mode == "step" else benchmark_data(args)
+    result = {"step": benchmark_step, "data": benchmark_data, "train": benchmark_train}[args.mode](args)
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports
         sys.exit(0)
     print(json.dumps(result))

@@ -224,3 +224,60 @@ def test_seeded_generator_is_deterministic():
     first, again, other = run(7), run(7), run(8)
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+def test_prefetcher_passes_batches_through_off_cuda():
+    batches = [([torch.full((2, 3, 4, 4), k, dtype=torch.uint8)], torch.tensor([k, k])) for k in range(3)]
+    prefetched = list(views.Prefetcher(batches, torch.device("cpu")))
+    assert len(views.Prefetcher(batches, torch.device("cpu"))) == 3
+    assert [b is a for a, b in zip(batches, prefetched)] == [True] * 3
+
+
+def test_prefetcher_copies_the_next_batch_before_handing_out_the_current(monkeypatch):
+    """The CUDA path's order, with the CUDA calls recorded instead of run: batch i + 1's copy is issued on the
+    side stream before batch i is handed out, and batch i is handed out only after the default stream waited
+    for the copies and every tensor of it was recorded on the default stream."""
+    events = []
+
+    class FakeTensor:
+        def __init__(self, name, on_device=False):
+            self.name, self.on_device = name, on_device
+
+        def to(self, device, non_blocking=False):
+            events.append(("copy", self.name, torch.cuda.is_side_stream, non_blocking))
+            return FakeTensor(self.name, on_device=True)
+
+        def record_stream(self, stream):
+            events.append(("record", self.name, stream))
+
+    class FakeStream:
+        def wait_stream(self, other):
+            events.append(("wait", other))
+
+    side, compute = object(), FakeStream()
+
+    class StreamContext:
+        def __init__(self, stream):
+            assert stream is side
+
+        def __enter__(self):
+            torch.cuda.is_side_stream = True
+
+        def __exit__(self, *exc):
+            torch.cuda.is_side_stream = False
+
+    monkeypatch.setattr(torch.cuda, "is_side_stream", False, raising=False)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: side)
+    monkeypatch.setattr(torch.cuda, "stream", StreamContext)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: compute)
+    loader = [([FakeTensor(f"crops{k}")], FakeTensor(f"labels{k}")) for k in range(3)]
+    out = []
+    for crops, labels in views.Prefetcher(loader, torch.device("cuda")):
+        assert crops[0].on_device and labels.on_device
+        events.append(("step", crops[0].name))
+        out.append(labels.name)
+    assert out == ["labels0", "labels1", "labels2"]
+    copy = lambda k: [("copy", f"crops{k}", True, True), ("copy", f"labels{k}", True, True)]
+    ready = lambda k: [("wait", side), ("record", f"crops{k}", compute), ("record", f"labels{k}", compute)]
+    assert events == (copy(0) + copy(1) + ready(0) + [("step", "crops0")] + copy(2) + ready(1)
+                      + [("step", "crops1")] + ready(2) + [("step", "crops2")])

@@ -16,7 +16,7 @@ import benchmark  # noqa: E402
 def options(**changes):
     base = dict(method="dino", arch="resnet18", recipe="light", batch_size=4, global_size=32, local_crops=2, amp="off",
                 device="cpu", steps=1, warmup=1, memory_format="auto", data="synthetic", workers=0,
-                views_on="loader")
+                views_on="loader", prefetch=1)
     return argparse.Namespace(**dict(base, **changes))
 
 
@@ -33,6 +33,13 @@ def test_benchmark_data_runs_both_view_paths(tmp_path, views_on):
     # The loader ships uint8: 2 x 32^2 + 2 x 18^2 values per image as crops, or the decoded 32 px image alone.
     shipped = 4 * 3 * (2 * 32 * 32 + 2 * 18 * 18) if views_on == "loader" else 4 * 3 * 32 * 32
     assert result["batch_mb_shipped_uint8"] == round(shipped / 2**20, 2) and result["img_per_s"] > 0
+
+
+def test_benchmark_train_runs_end_to_end(tmp_path):
+    """JPEGs -> loader -> Prefetcher -> device-sampled views -> MoCo's step, for more batches than one epoch has."""
+    data = make_image_folder(tmp_path / "images", n_per_class=4)
+    result = benchmark.benchmark_train(options(data=data, method="moco", views_on="device", steps=2))
+    assert result["img_per_s"] > 0 and result["mode"] == "train" and result["views_on"] == "device"
 
 
 def test_reproduce_prints_its_commands(tmp_path):
