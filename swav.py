@@ -51,7 +51,8 @@ def get_args_parser():
     r.add_argument("--output-dir", default=None, help="default runs/swav-<arch>; a rerun resumes from its checkpoint")
     r.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help="paper 200. More on a finished run extends it")
     r.add_argument("--batch-size", type=int, default=128, help="per process; paper 128 x 8 GPUs = 1024")
-    r.add_argument("--workers", type=int, default=8, help="loader processes per GPU (decoding is the usual limit)")
+    r.add_argument("--workers", type=int, default=None,
+                   help="loader processes per process; default: the node's cores / processes per node, at most 8")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
@@ -302,6 +303,7 @@ def main(argv=None):
     checkpoint = load_checkpoint(checkpoint_path, log)
     config = resolve_config(args, given_flags(parser, argv), world_size, checkpoint and checkpoint["config"])
     config.amp, amp_note = resolve_amp(config.amp, device)
+    config.workers = loader_workers(config.workers)
     amp = config.amp
     done = checkpoint["epoch"] if checkpoint else 0
     if checkpoint and config.epochs < done:

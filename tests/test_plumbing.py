@@ -161,3 +161,12 @@ def test_param_groups_follow_the_paper():
 def backbones_module():
     import backbones
     return backbones
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_defaults_its_workers_to_the_nodes_share(script):
+    """--workers left out means loader_workers(None) (cores / processes per node, at most 8) in every script."""
+    source = open(os.path.join(ROOT, script)).read()
+    module = __import__(os.path.splitext(script)[0])
+    assert module.get_args_parser().get_default("workers") is None
+    assert "config.workers = loader_workers(config.workers)" in source or "loader_workers(args.workers)" in source
