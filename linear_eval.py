@@ -581,6 +581,20 @@ def given_flags(parser, argv=None):
     return {name for name, value in vars(typed).items() if value is not unset}
 
 
+def resumed_config(saved, now, given, world_size, this_run, resumable):
+    """A resumed run's configuration: the checkpoint's (`saved`), with this run's settings (`this_run`) and the
+    resumable flags typed now taken from `now` (the parsed flags, a dict). Any other typed flag with another
+    value, or another number of processes, is refused, naming each one old -> new."""
+    plain = lambda v: tuple(v) if isinstance(v, list) else v
+    changed = {k: (saved[k], now[k]) for k in sorted(given - resumable) if plain(now[k]) != plain(saved[k])}
+    if saved["world_size"] != world_size:
+        changed["processes"] = (saved["world_size"], world_size)
+    if changed:
+        raise UserError("this run was trained with other settings; use another --output-dir or the same flags: "
+                        + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items()))
+    return types.SimpleNamespace(**dict(saved, **{k: now[k] for k in this_run | (given & resumable)}))
+
+
 def resolve_amp(amp, device):
     """-> (autocast dtype name or "off", a note). auto: bf16 on GPUs of compute capability >= 8.0; fp16
     with a GradScaler below, where cuDNN has no fast bf16 convolutions (torch.cuda.is_bf16_supported() still

@@ -110,16 +110,7 @@ def resolve_config(args, given, world_size, saved=None):
     """The run's whole configuration, once: flags + the recipe's defaults + the view recipe.
     On a resume it is the checkpoint's, with the flags typed now checked against it."""
     if saved is not None:
-        plain = lambda v: tuple(v) if isinstance(v, list) else v
-        changed = {k: (saved[k], getattr(args, k)) for k in sorted(given - RESUMABLE)
-                   if plain(getattr(args, k)) != plain(saved[k])}
-        if saved["world_size"] != world_size:
-            changed["processes"] = (saved["world_size"], world_size)
-        if changed:
-            raise UserError("this run was trained with other settings; use another --output-dir or the same flags: "
-                            + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items()))
-        config = dict(saved, **{k: getattr(args, k) for k in THIS_RUN | (given & RESUMABLE)})
-        return types.SimpleNamespace(**config)
+        return resumed_config(saved, vars(args), given, world_size, THIS_RUN, RESUMABLE)
     recipe = views.recipe_from_flags("moco", args, backbones.is_vit(args.arch), backbones.PATCH_SIZE)
     config = dict(vars(args), world_size=world_size)
     for key, value in PAPER_DEFAULTS["classic" if args.recipe == "classic" else "multicrop"].items():
@@ -520,6 +511,20 @@ def given_flags(parser, argv=None):
     unset = object()
     typed = parser.parse_args(argv, argparse.Namespace(**{a.dest: unset for a in parser._actions}))
     return {name for name, value in vars(typed).items() if value is not unset}
+
+
+def resumed_config(saved, now, given, world_size, this_run, resumable):
+    """A resumed run's configuration: the checkpoint's (`saved`), with this run's settings (`this_run`) and the
+    resumable flags typed now taken from `now` (the parsed flags, a dict). Any other typed flag with another
+    value, or another number of processes, is refused, naming each one old -> new."""
+    plain = lambda v: tuple(v) if isinstance(v, list) else v
+    changed = {k: (saved[k], now[k]) for k in sorted(given - resumable) if plain(now[k]) != plain(saved[k])}
+    if saved["world_size"] != world_size:
+        changed["processes"] = (saved["world_size"], world_size)
+    if changed:
+        raise UserError("this run was trained with other settings; use another --output-dir or the same flags: "
+                        + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items()))
+    return types.SimpleNamespace(**dict(saved, **{k: now[k] for k in this_run | (given & resumable)}))
 
 
 def resolve_amp(amp, device):
