@@ -17,6 +17,7 @@ views.Prefetcher: on CUDA the next batch's host-to-device copy runs on a side st
 The paper's throughput setting: batch 128 per GPU, 2x224 + 6x96 (baseline) or 6x128 (light); ViT-Tiny 10 locals.
 """
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -125,22 +126,33 @@ def swav_step(arch, recipe, batch_size, device, fmt, world_size=1):
     return step
 
 
+STEPS = {"dino": dino_step, "moco": moco_step, "swav": swav_step}
+
+
+def pick_device(name):
+    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def precision(amp, device):
+    """-> (amp, autocast, GradScaler) as the scripts use them; bf16 means off on the CPU."""
+    amp = amp if device.type == "cuda" or amp != "bf16" else "off"
+    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
+    return amp, autocast, torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
 def benchmark_step(args):
     """One process, or under torchrun every process with DDP (and SyncBN on CUDA), as the scripts run."""
     import dino  # for its copy of the plumbing's init_distributed
     rank, world_size, device = dino.init_distributed(args.device, 0)
-    amp = args.amp if device.type == "cuda" or args.amp != "bf16" else "off"
+    amp, autocast, scaler = precision(args.amp, device)
     recipe = views.get_recipe(args.method, args.recipe, backbones.is_vit(args.arch), global_size=args.global_size,
                               local_crops=args.local_crops)
     fmt = {"auto": backbones.memory_format(args.arch, device), "channels_last": torch.channels_last,
            "contiguous": torch.contiguous_format}[args.memory_format]
     torch.manual_seed(0)
-    step = {"dino": dino_step, "moco": moco_step, "swav": swav_step}[args.method](args.arch, recipe, args.batch_size,
-                                                                                device, fmt, world_size)
+    step = STEPS[args.method](args.arch, recipe, args.batch_size, device, fmt, world_size)
     sizes = [recipe.global_size] * 2 + [recipe.local_size] * recipe.local_crops
     crops = [torch.randn(args.batch_size, 3, s, s, device=device).contiguous(memory_format=fmt) for s in sizes]
-    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     for _ in range(args.warmup):  # cuDNN autotuning, the allocator
         step(crops, autocast, scaler)
     if device.type == "cuda":
@@ -190,7 +202,7 @@ def build_loader(args, device):
 
 
 def benchmark_data(args):
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     recipe, loader, sampler = build_loader(args, device)
     dataset = loader.dataset
     batches = iter(loader)
@@ -219,17 +231,14 @@ def benchmark_data(args):
 def benchmark_train(args):
     """End to end in one process, as a script's loop runs: JPEG on disk -> loader -> (Prefetcher: the next
     batch's copy beside this step on CUDA) -> normalised crops or device-sampled views -> the step."""
-    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    amp = args.amp if device.type == "cuda" or args.amp != "bf16" else "off"
+    device = pick_device(args.device)
+    amp, autocast, scaler = precision(args.amp, device)
     fmt = backbones.memory_format(args.arch, device)
     recipe, loader, sampler = build_loader(args, device)
     torch.manual_seed(0)
-    step = {"dino": dino_step, "moco": moco_step, "swav": swav_step}[args.method](args.arch, recipe, args.batch_size,
-                                                                                device, fmt)
-    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    step = STEPS[args.method](args.arch, recipe, args.batch_size, device, fmt)
     epoch = views.Prefetcher(loader, device) if args.prefetch else loader
-    batches = (batch for _ in iter(int, 1) for batch in epoch)  # epoch after epoch, as long as asked
+    batches = (batch for _ in itertools.count() for batch in epoch)  # epoch after epoch, as long as asked
     run = lambda: step(views.batch_to_crops(next(batches), device, fmt, sampler), autocast, scaler)
     for _ in range(args.warmup):
         run()
