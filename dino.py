@@ -40,7 +40,7 @@ PAPER_DEFAULTS = {
 }
 PAPER_EPOCHS = 200
 # Settings of this machine and command, never taken from a checkpoint.
-THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export"}
+THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export", "compile"}
 # Settings a resumed run may change when typed again; every other one is compared with the checkpoint's.
 RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}  # a moved --data: its size is checked
 
@@ -62,6 +62,8 @@ def get_args_parser():
     r.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="autocast: auto = bf16 on GPUs of compute capability >= 8.0, fp16 (+ GradScaler) below, "
                         "off on the CPU; the paper trained in fp32. off: fp32 matmuls (cuDNN convs stay TF32)")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the student and the teacher (off until measured on a GPU)")
     r.add_argument("--log-every", type=int, default=20, help="steps between progress updates (each is one host sync)")
     r.add_argument("--export", default=None, metavar="PATH",
                    help="write the teacher backbone's state_dict (torchvision's format for CNNs) to PATH at the end; "
@@ -158,7 +160,11 @@ class DINOHead(nn.Module):
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, freeze_gain=norm_last_layer)
 
     def forward(self, x):
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+        bottleneck = F.normalize(self.mlp(x), dim=-1)
+        # The K logits in fp32 even under autocast: the teacher's softmax at T = 0.04 would otherwise
+        # see them rounded to bf16 (8 bits of mantissa). One small matmul, cheap.
+        with torch.autocast(x.device.type, enabled=False):
+            return self.last_layer(bottleneck.float())
 
 
 class DINONet(nn.Module):
@@ -238,8 +244,7 @@ def clip_gradients(params, clip):
     """Official DINO clips every parameter's gradient to norm <= clip separately (not one global norm)."""
     grads = [p.grad for p in params if p.grad is not None]
     scales = (clip / (torch.stack(torch._foreach_norm(grads)) + 1e-6)).clamp(max=1.0)
-    for g, s in zip(grads, scales.unbind()):
-        g.mul_(s)
+    torch._foreach_mul_(grads, scales.unbind())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,6 +317,8 @@ def main(argv=None):
     student, teacher = to_device(dino_net(config.drop_path)), to_device(dino_net(0.0))  # teacher: no drop path
     # DDP broadcasts rank 0's student to every rank; the teacher starts as a copy of that student.
     student_ddp = nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
+    # --compile: the forward passes compiled; `student` and `teacher` keep the state dicts and the EMA.
+    student_fwd, teacher_fwd = (torch.compile(m) if config.compile else m for m in (student_ddp, teacher))
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)  # no backprop through the teacher: it is an EMA of the student
     dino_loss = DINOLoss(config.out_dim, config.local_crops, alpha, beta, config.student_temp,
@@ -373,8 +380,8 @@ def main(argv=None):
             crops = views.batch_to_crops(batch, device, memory_format, view_sampler)  # uint8 -> float there
 
             with autocast:
-                teacher_out = teacher(crops[:2])  # only the 2 global views
-                student_out = student_ddp(crops)
+                teacher_out = teacher_fwd(crops[:2])  # only the 2 global views
+                student_out = student_fwd(crops)
                 loss, (teacher_entropy, student_entropy) = dino_loss(student_out, teacher_out, teacher_temps[epoch])
 
             optimizer.zero_grad(set_to_none=True)
@@ -449,6 +456,10 @@ def init_distributed(device_name, seed):
         raise UserError("--device cuda, but no CUDA device is visible")
     rank, world_size, device = 0, 1, torch.device("cuda" if use_cuda else "cpu")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), use_cuda and torch.cuda.device_count()
+        if use_cuda and per_node > gpus:  # NCCL refuses two processes on one GPU, with a long traceback
+            raise UserError(f"{per_node} processes on this node but {gpus} GPU(s): use "
+                            f"--nproc_per_node={gpus}, or --device cpu")
         if use_cuda:  # modulo: a launcher may show each process only its own GPU (SLURM --gpus-per-task=1)
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
             torch.cuda.set_device(device)
@@ -563,8 +574,7 @@ class LARS(torch.optim.Optimizer):
             if not group["lars_exclude"]:
                 norms = torch.stack(torch._foreach_norm(params + list(grads))).view(2, -1)  # (param, grad) norms
                 ratios = torch.where((norms > 0).all(0), group["eta"] * norms[0] / norms[1], 1.0)
-                for g, ratio in zip(grads, ratios.unbind()):
-                    g.mul_(ratio)
+                torch._foreach_mul_(grads, ratios.unbind())
             buffers = []
             for p in params:
                 if "momentum_buffer" not in self.state[p]:

@@ -565,6 +565,10 @@ def init_distributed(device_name, seed):
         raise UserError("--device cuda, but no CUDA device is visible")
     rank, world_size, device = 0, 1, torch.device("cuda" if use_cuda else "cpu")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), use_cuda and torch.cuda.device_count()
+        if use_cuda and per_node > gpus:  # NCCL refuses two processes on one GPU, with a long traceback
+            raise UserError(f"{per_node} processes on this node but {gpus} GPU(s): use "
+                            f"--nproc_per_node={gpus}, or --device cpu")
         if use_cuda:  # modulo: a launcher may show each process only its own GPU (SLURM --gpus-per-task=1)
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
             torch.cuda.set_device(device)
@@ -679,8 +683,7 @@ class LARS(torch.optim.Optimizer):
             if not group["lars_exclude"]:
                 norms = torch.stack(torch._foreach_norm(params + list(grads))).view(2, -1)  # (param, grad) norms
                 ratios = torch.where((norms > 0).all(0), group["eta"] * norms[0] / norms[1], 1.0)
-                for g, ratio in zip(grads, ratios.unbind()):
-                    g.mul_(ratio)
+                torch._foreach_mul_(grads, ratios.unbind())
             buffers = []
             for p in params:
                 if "momentum_buffer" not in self.state[p]:

@@ -43,7 +43,7 @@ PAPER_DEFAULTS = {
 }
 PAPER_EPOCHS = 200
 # Settings of this machine and command, never taken from a checkpoint.
-THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export"}
+THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export", "compile"}
 # Settings a resumed run may change when typed again; every other one is compared with the checkpoint's.
 RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}  # a moved --data: its size is checked
 
@@ -64,6 +64,8 @@ def get_args_parser():
     r.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="autocast: auto = bf16 on GPUs of compute capability >= 8.0, fp16 (+ GradScaler) below, "
                         "off on the CPU; the paper trained in fp32. The logits and the loss stay fp32")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the query and the key encoders (off until measured on a GPU)")
     r.add_argument("--log-every", type=int, default=20, help="steps between progress updates (each is one host sync)")
     r.add_argument("--export", default=None, metavar="PATH",
                    help="write the query backbone's state_dict (MoCo's encoder_q; torchvision's format for CNNs) "
@@ -364,6 +366,8 @@ def main(argv=None):
     query_ddp = nn.parallel.DistributedDataParallel(query_encoder) if world_size > 1 else query_encoder
     key_encoder.load_state_dict(query_encoder.state_dict())
     key_encoder.requires_grad_(False)
+    # --compile: the forward passes compiled; the plain modules keep the state dicts and the EMA.
+    query_fwd, key_fwd = (torch.compile(m) if config.compile else m for m in (query_ddp, key_encoder))
     queue = MoCoQueue(config.dim, config.queue_size, seed=config.seed).to(device)
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in key_encoder.modules())
     key_bn = key_bn_mode(has_bn, world_size, any(isinstance(m, nn.SyncBatchNorm) for m in key_encoder.modules()))
@@ -427,7 +431,7 @@ def main(argv=None):
 
             ema_update(key_params, query_params, config.momentum)  # before the keys, as official MoCo
             with autocast:
-                q, k = moco_forward(query_ddp, key_encoder, crops, key_bn, bn_splits)
+                q, k = moco_forward(query_fwd, key_fwd, crops, key_bn, bn_splits)
             logits = moco_logits(q.float(), k.float(), queue.keys, config.temperature)  # fp32: divided by T
             loss = moco_loss(logits, n_queries, alpha, beta)
 
@@ -497,6 +501,10 @@ def init_distributed(device_name, seed):
         raise UserError("--device cuda, but no CUDA device is visible")
     rank, world_size, device = 0, 1, torch.device("cuda" if use_cuda else "cpu")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), use_cuda and torch.cuda.device_count()
+        if use_cuda and per_node > gpus:  # NCCL refuses two processes on one GPU, with a long traceback
+            raise UserError(f"{per_node} processes on this node but {gpus} GPU(s): use "
+                            f"--nproc_per_node={gpus}, or --device cpu")
         if use_cuda:  # modulo: a launcher may show each process only its own GPU (SLURM --gpus-per-task=1)
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
             torch.cuda.set_device(device)
@@ -611,8 +619,7 @@ class LARS(torch.optim.Optimizer):
             if not group["lars_exclude"]:
                 norms = torch.stack(torch._foreach_norm(params + list(grads))).view(2, -1)  # (param, grad) norms
                 ratios = torch.where((norms > 0).all(0), group["eta"] * norms[0] / norms[1], 1.0)
-                for g, ratio in zip(grads, ratios.unbind()):
-                    g.mul_(ratio)
+                torch._foreach_mul_(grads, ratios.unbind())
             buffers = []
             for p in params:
                 if "momentum_buffer" not in self.state[p]:

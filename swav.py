@@ -37,7 +37,7 @@ PAPER_EPOCHS = 200
 # run keeps the same fraction of its length: 5 %, 7.5 % and 0.5 %.
 PAPER_WARMUPS = dict(warmup_epochs=10, epoch_queue_starts=15, freeze_prototypes_epochs=1)
 # Settings of this machine and command, never taken from a checkpoint.
-THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export"}
+THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export", "compile"}
 # Settings a resumed run may change when typed again; every other one is compared with the checkpoint's.
 RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}  # a moved --data: its size is checked
 
@@ -58,6 +58,8 @@ def get_args_parser():
     r.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
                    help="autocast: auto = bf16 on GPUs of compute capability >= 8.0, fp16 (+ GradScaler) below, "
                         "off on the CPU; the paper trained in fp32. Sinkhorn and the loss stay fp32")
+    r.add_argument("--compile", action="store_true",
+                   help="torch.compile the network (off until measured on a GPU)")
     r.add_argument("--log-every", type=int, default=20, help="steps between progress updates (each is one host sync)")
     r.add_argument("--export", default=None, metavar="PATH",
                    help="write the backbone's state_dict (torchvision's format for CNNs) to PATH at the end; "
@@ -166,7 +168,11 @@ class SwAVNet(nn.Module):
     def forward(self, crops):
         # The backbone once per resolution group, the head once on everything (official SwAV's multi-res forward).
         embeddings = F.normalize(self.projection(backbones.multicrop_features(self.backbone, crops)), dim=1)
-        return embeddings, self.prototypes(embeddings)
+        # Scores in fp32 even under autocast: Sinkhorn divides them by epsilon = 0.05 and the loss by
+        # T = 0.1, so bf16 rounding (8 bits of mantissa) would move the codes. One small matmul.
+        with torch.autocast(embeddings.device.type, enabled=False):
+            embeddings = embeddings.float()
+            return embeddings, self.prototypes(embeddings)
 
 
 def build_swav_net(arch, hidden_dim=4096, feat_dim=128, num_prototypes=3000):
@@ -351,6 +357,7 @@ def main(argv=None):
     model = build_swav_net(config.arch, config.hidden_dim, config.feat_dim, config.num_prototypes)
     model = backbones.sync_batchnorm(model, device, world_size).to(device, memory_format=memory_format)
     model_ddp = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model  # broadcasts rank 0's
+    model_fwd = torch.compile(model_ddp) if config.compile else model_ddp  # `model` keeps the state dict
     queue = None  # created after --epoch-queue-starts epochs
 
     # ============ optimizer and schedule (one value per iteration) ============
@@ -407,7 +414,7 @@ def main(argv=None):
             model.normalize_prototypes()  # before every forward (official SwAV main_swav.py)
 
             with autocast:
-                embeddings, scores = model_ddp(crops)
+                embeddings, scores = model_fwd(crops)
             # Codes and loss in float32 outside autocast: Sinkhorn's exp(score / epsilon) overflows half precision.
             codes = assign_codes(scores.detach(), embeddings.detach(), model.prototypes.weight, queue,
                                  config.batch_size, config.epsilon, config.sinkhorn_iterations)
@@ -483,6 +490,10 @@ def init_distributed(device_name, seed):
         raise UserError("--device cuda, but no CUDA device is visible")
     rank, world_size, device = 0, 1, torch.device("cuda" if use_cuda else "cpu")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), use_cuda and torch.cuda.device_count()
+        if use_cuda and per_node > gpus:  # NCCL refuses two processes on one GPU, with a long traceback
+            raise UserError(f"{per_node} processes on this node but {gpus} GPU(s): use "
+                            f"--nproc_per_node={gpus}, or --device cpu")
         if use_cuda:  # modulo: a launcher may show each process only its own GPU (SLURM --gpus-per-task=1)
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
             torch.cuda.set_device(device)
@@ -597,8 +608,7 @@ class LARS(torch.optim.Optimizer):
             if not group["lars_exclude"]:
                 norms = torch.stack(torch._foreach_norm(params + list(grads))).view(2, -1)  # (param, grad) norms
                 ratios = torch.where((norms > 0).all(0), group["eta"] * norms[0] / norms[1], 1.0)
-                for g, ratio in zip(grads, ratios.unbind()):
-                    g.mul_(ratio)
+                torch._foreach_mul_(grads, ratios.unbind())
             buffers = []
             for p in params:
                 if "momentum_buffer" not in self.state[p]:

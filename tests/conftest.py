@@ -12,6 +12,28 @@ sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: runs on a CUDA device; skipped where none is visible")
+    config.addinivalue_line("markers", "slow: too slow for 2 CPU cores; runs with SSLIGHT_SLOW=1 "
+                                       "(tests/gpu_check.py sets it)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "cuda" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(pytest.mark.skip(reason="no CUDA device"))
+        if "slow" in item.keywords and os.environ.get("SSLIGHT_SLOW") != "1":
+            item.add_marker(pytest.mark.skip(reason="slow on a CPU: set SSLIGHT_SLOW=1"))
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_cuda(request, monkeypatch):
+    """Tests about logic run on the CPU also on a machine with a GPU: the scripts' --device auto and
+    every `torch.cuda.is_available()` see no GPU, unless the test is marked cuda."""
+    if "cuda" not in request.keywords:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def make_image_folder(root, n_per_class=8, classes=("a", "b"), size=32):
     """A tiny ImageFolder of generated shapes (tests never download or read ../shared)."""
     from views import SyntheticTextures
@@ -49,16 +71,21 @@ def free_port():
         return s.getsockname()[1]
 
 
-def subprocess_env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
+def subprocess_env(cuda=False):
+    """The environment of a script run by a test: no GPU visible unless `cuda` (a test marked cuda)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
+    if not cuda:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
 
 
-def run_torchrun(module, out_prefix, args, nproc=2, timeout=300):
-    """Run tests/ddp_worker.py under torchrun on CPU (gloo); returns the per-rank saved states."""
+def run_torchrun(module, out_prefix, args, nproc=2, timeout=300, cuda=False):
+    """Run tests/ddp_worker.py under torchrun, on the CPU (gloo) unless `cuda` (NCCL, one GPU a
+    process); returns the per-rank saved states."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", os.path.join(ROOT, "tests", "ddp_worker.py"),
            module, str(out_prefix)] + list(args)
-    result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+    result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(cuda), capture_output=True, text=True,
                             timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return [torch.load(f"{out_prefix}.rank{r}", weights_only=False) for r in range(nproc)], result
