@@ -9,15 +9,14 @@ Sinkhorn-Knopp spreads the batch (plus a queue of past embeddings) evenly over K
 every other crop must predict them ("swapped prediction"). There is no teacher and no EMA. SSLight changes
 only the crops and the loss weights (views.py); every default below is the paper's (SSLight's
 exp_yamls/swav, src/sslight/model/swav.py) unless noted.
-Output: <output-dir>/{args.json, log.jsonl, checkpoint.pth, checkpoint.pth.prev}; a rerun resumes. The
+Output: <output-dir>/{args.json, log.jsonl, checkpoint.pth}; a rerun resumes. The
 checkpoint holds every process's queue.
 """
 import argparse
-import atexit
+import fcntl
 import json
 import math
 import os
-import socket
 import sys
 import time
 import types
@@ -283,6 +282,52 @@ def collapse_signals(embeddings, scores, codes, batch):
     return embeddings.float().std(0).mean(), code_entropy, scores[:2 * batch].argmax(1)
 
 
+def param_groups(modules, decay_all=False):
+    """SSLight's three groups, trainable parameters only (decay_all: one group, MoCo-v2's way):
+    regularized: ndim >= 2, not depthwise -> weight decay, LARS adaptation;
+    depthwise:   4-D conv weights with shape[1] == 1 (MobileNetV2) -> no weight decay, LARS kept;
+    plain:       biases and norm parameters (ndim < 2) -> no weight decay, no LARS."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    if decay_all:
+        return [dict(params=params, wd_factor=1.0, lars_exclude=False)]
+    depthwise = lambda p: p.ndim == 4 and p.shape[1] == 1
+    groups = [dict(params=[p for p in params if p.ndim >= 2 and not depthwise(p)], wd_factor=1.0,
+                   lars_exclude=False),
+              dict(params=[p for p in params if depthwise(p)], wd_factor=0.0, lars_exclude=False),
+              dict(params=[p for p in params if p.ndim < 2], wd_factor=0.0, lars_exclude=True)]
+    return [g for g in groups if g["params"]]
+
+
+class LARS(torch.optim.Optimizer):
+    """SSLight's LARS: g = grad + wd * p; unless lars_exclude, g *= eta * ||p|| / ||g|| when both
+    norms are > 0; mu = momentum * mu + g; p -= lr * mu. eta 0.001, momentum 0.9, no Nesterov.
+    torch._foreach_* end to end: a few kernels per group whatever its size, and no host sync."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
+                                      lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            if not group["lars_exclude"]:
+                norms = torch.stack(torch._foreach_norm(params + list(grads))).view(2, -1)
+                ratios = torch.where((norms > 0).all(0), group["eta"] * norms[0] / norms[1], 1.0)
+                torch._foreach_mul_(grads, ratios.unbind())
+            for p in params:  # the momentum buffers, made on the first step
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
@@ -294,10 +339,10 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     output_dir = args.output_dir or os.path.join("runs", f"swav-{args.arch}")
     checkpoint_path = os.path.join(output_dir, "checkpoint.pth")
-    if rank == 0:
-        lock_output_dir(output_dir)
-    checkpoint = load_checkpoint(checkpoint_path, log)
+    checkpoint = load_checkpoint(checkpoint_path)
     config = resolve_config(args, given_flags(parser, argv), world_size, checkpoint and checkpoint["config"])
+    if config.export:
+        check_export_path(config.export)
     config.amp, amp_note = resolve_amp(config.amp, device)
     config.workers = loader_workers(config.workers)
     amp = config.amp
@@ -351,6 +396,8 @@ def main(argv=None):
         raise UserError(f"--data {config.data} now has {len(dataset)} images, the run was trained on "
                         f"{checkpoint['num_images']}: use the same data or another --output-dir")
     log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {config.batch_size} x {world_size}")
+    if rank == 0:  # every check has passed: the run folder is made (and locked) only now
+        lock_output_dir(output_dir)
 
     # ============ model; the queue lives outside DDP, one per process ============
     memory_format = backbones.memory_format(config.arch, device)
@@ -437,8 +484,9 @@ def main(argv=None):
             if (i + 1) % config.log_every == 0 or i + 1 == iters_per_epoch:  # the one host sync
                 means = (all_reduce_sum(sums.clone()) / ((i + 1) * world_size)).tolist()
                 if not math.isfinite(means[0]):
-                    raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; the last good "
-                                     f"checkpoint is kept in {checkpoint_path}. Try --amp off or a lower --lr")
+                    kept = f"{checkpoint_path} (epoch {epoch}) is kept" if epoch else "no checkpoint yet"
+                    raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; {kept}. "
+                                     + ("Try a lower --lr" if amp == "off" else "Try --amp off or a lower --lr"))
                 bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr_schedule[it]:.2e}",
                                 img_s=round((i + 1) * global_batch / (time.time() - start), 1))
 
@@ -476,28 +524,28 @@ def main(argv=None):
     return dict(model=model, queue=queue, history=history)
 
 
-# ---- plumbing: identical in dino.py, moco_v2.py, swav.py, linear_eval.py (tests/test_plumbing.py) ----
-# Distributed setup and collectives, LARS and its parameter groups, the cosine schedule, checkpoints and the
-# run folder, the kNN monitor. Written out in every script, as official MoCo repeats its helpers in
-# main_moco.py and main_lincls.py, so that one script can be copied with backbones.py and views.py alone.
-# Every function takes explicit values, never `args`.
+# ---- plumbing: shared by the scripts, one text per function in every script that has it ----
+# (tests/test_plumbing.py). Written out in each script, as official MoCo repeats its helpers in
+# main_moco.py and main_lincls.py, so that a script can be copied with backbones.py and views.py
+# alone. A script carries only the functions it calls; they take explicit values, not `args`.
 
 def init_distributed(device_name, seed):
-    """-> (rank, world_size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python script.py`
-    is one process without a process group, and every collective below is then a no-op."""
+    """-> (rank, world_size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; plain `python
+    script.py` is one process without a process group, and every collective below is a no-op."""
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise UserError("--device cuda, but no CUDA device is visible")
     rank, world_size, device = 0, 1, torch.device("cuda" if use_cuda else "cpu")
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), use_cuda and torch.cuda.device_count()
-        if use_cuda and per_node > gpus:  # NCCL refuses two processes on one GPU, with a long traceback
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), torch.cuda.device_count()
+        if use_cuda and per_node > gpus:  # NCCL refuses 2 processes on 1 GPU, in a traceback
             raise UserError(f"{per_node} processes on this node but {gpus} GPU(s): use "
                             f"--nproc_per_node={gpus}, or --device cpu")
-        if use_cuda:  # modulo: a launcher may show each process only its own GPU (SLURM --gpus-per-task=1)
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        if use_cuda:  # modulo: a launcher may show each process only its own GPU (SLURM)
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % gpus)
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend, device_id=device if use_cuda else None)
         rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(seed + rank)
     return rank, world_size, device
@@ -511,37 +559,41 @@ def given_flags(parser, argv=None):
 
 
 def resumed_config(saved, now, given, world_size, this_run, resumable):
-    """A resumed run's configuration: the checkpoint's (`saved`), with this run's settings (`this_run`) and the
-    resumable flags typed now taken from `now` (the parsed flags, a dict). Any other typed flag with another
-    value, or another number of processes, is refused, naming each one old -> new."""
+    """A resumed run's configuration: the checkpoint's (`saved`), with this run's settings
+    (`this_run`) and the resumable flags typed now taken from `now` (the parsed flags, a dict). Any
+    other typed flag with another value, or another number of processes, is refused, naming each one
+    old -> new."""
     plain = lambda v: tuple(v) if isinstance(v, list) else v
-    changed = {k: (saved[k], now[k]) for k in sorted(given - resumable) if plain(now[k]) != plain(saved[k])}
+    changed = {k: (saved[k], now[k]) for k in sorted(given - resumable)
+               if plain(now[k]) != plain(saved[k])}
     if saved["world_size"] != world_size:
         changed["processes"] = (saved["world_size"], world_size)
     if changed:
-        raise UserError("this run was trained with other settings; use another --output-dir or the same flags: "
-                        + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}" for k, (old, new) in changed.items()))
-    return types.SimpleNamespace(**dict(saved, **{k: now[k] for k in this_run | (given & resumable)}))
+        raise UserError("this run was trained with other settings; use another --output-dir or the "
+                        "same flags: " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}"
+                                                   for k, (old, new) in changed.items()))
+    now_wins = this_run | (given & resumable)
+    return types.SimpleNamespace(**dict(saved, **{k: now[k] for k in now_wins}))
 
 
 def resolve_amp(amp, device):
-    """-> (autocast dtype name or "off", a note). auto: bf16 on GPUs of compute capability >= 8.0; fp16
-    with a GradScaler below, where cuDNN has no fast bf16 convolutions (torch.cuda.is_bf16_supported() still
-    says True); off on the CPU. An explicit value holds on any device: the CPU runs the same AMP branches."""
-    note = ""
-    if amp == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+    """-> (autocast dtype name or "off", a note). auto: bf16 on GPUs of compute capability >= 8.0,
+    fp16 (+ GradScaler) below, where cuDNN has no fast bf16 convolutions; off on the CPU. An
+    explicit value holds on any device: the CPU runs the same AMP branches."""
+    note, cuda = "", device.type == "cuda"
+    if amp == "auto" and cuda and torch.cuda.get_device_capability(device) < (8, 0):
         amp, note = "fp16", "(compute capability < 8.0: fp16, bf16 convolutions would be slow) "
     elif amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed crop sizes: let cuDNN pick its fastest kernels
-        torch.set_float32_matmul_precision("high" if amp != "off" else "highest")  # off = fp32 matmuls, no TF32
+        amp = "bf16" if cuda else "off"
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed crop sizes: cuDNN picks its fastest kernels
+        torch.set_float32_matmul_precision("high" if amp != "off" else "highest")  # off: no TF32
     return amp, note
 
 
 def loader_workers(requested):
-    """--workers, or by default this node's CPU cores shared among its processes (torchrun's LOCAL_WORLD_SIZE),
-    at most 8: 8 GPUs x 8 workers on a 64-core node, not 8 x 64."""
+    """--workers, or by default this node's cores shared among its processes (torchrun's
+    LOCAL_WORLD_SIZE), at most 8: 8 GPUs x 8 workers on a 64-core node, not 8 x 64."""
     if requested is not None:
         return requested
     return min(8, max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
@@ -562,7 +614,7 @@ def all_gather_cat(tensor):
     """Every rank's `tensor` concatenated along dim 0, in rank order (no gradient)."""
     if not is_distributed():
         return tensor
-    tensor = tensor.contiguous()  # one plain layout for sent and received buffers (not channels_last)
+    tensor = tensor.contiguous()  # one plain layout for sent and received buffers
     gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, tensor)
     return torch.cat(gathered)
@@ -573,116 +625,76 @@ def barrier():
         dist.barrier()
 
 
-def param_groups(modules, decay_all=False):
-    """SSLight's three groups, trainable parameters only (decay_all: one group, MoCo-v2's way):
-    regularized:     ndim >= 2, not depthwise -> weight decay, LARS adaptation;
-    depthwise:       4-D conv weights with shape[1] == 1 (MobileNetV2) -> no weight decay, LARS kept;
-    not regularized: biases and norm parameters (ndim < 2) -> no weight decay, no LARS."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    if decay_all:
-        return [dict(params=params, wd_factor=1.0, lars_exclude=False)]
-    depthwise = lambda p: p.ndim == 4 and p.shape[1] == 1
-    groups = [dict(params=[p for p in params if p.ndim >= 2 and not depthwise(p)], wd_factor=1.0, lars_exclude=False),
-              dict(params=[p for p in params if depthwise(p)], wd_factor=0.0, lars_exclude=False),
-              dict(params=[p for p in params if p.ndim < 2], wd_factor=0.0, lars_exclude=True)]
-    return [g for g in groups if g["params"]]
-
-
-class LARS(torch.optim.Optimizer):
-    """SSLight's LARS: g = grad + wd * p; unless lars_exclude, g *= eta * ||p|| / ||g|| when both norms
-    are > 0; mu = momentum * mu + g; p -= lr * mu. eta 0.001, momentum 0.9, no Nesterov. The trust ratios
-    of a group are computed as one stacked tensor (a few kernels per group, no host sync)."""
-
-    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta,
-                                      lars_exclude=False))
-
-    @torch.no_grad()
-    def step(self):
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            # torch._foreach_*: one kernel over the whole list, as torch's own optimizers do
-            grads = torch._foreach_add([p.grad for p in params], params, alpha=group["weight_decay"])
-            if not group["lars_exclude"]:
-                norms = torch.stack(torch._foreach_norm(params + list(grads))).view(2, -1)  # (param, grad) norms
-                ratios = torch.where((norms > 0).all(0), group["eta"] * norms[0] / norms[1], 1.0)
-                torch._foreach_mul_(grads, ratios.unbind())
-            buffers = []
-            for p in params:
-                if "momentum_buffer" not in self.state[p]:
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                buffers.append(self.state[p]["momentum_buffer"])
-            torch._foreach_mul_(buffers, group["momentum"])
-            torch._foreach_add_(buffers, grads)
-            torch._foreach_add_(params, buffers, alpha=-group["lr"])
-
-
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, start_warmup=0.0):
-    """One value per iteration (official DINO utils.cosine_scheduler): linear warm-up from start_warmup
-    to base over warmup_epochs (may be fractional), then a cosine from base to final."""
+    """One value per iteration (official DINO utils.cosine_scheduler): linear warm-up from
+    start_warmup to base over warmup_epochs (may be fractional), then a cosine from base to
+    final."""
     warmup_iters, total = int(warmup_epochs * iters_per_epoch), int(epochs * iters_per_epoch)
     warmup = [start_warmup + (base - start_warmup) * i / warmup_iters for i in range(warmup_iters)]
     rest = total - warmup_iters
-    return warmup + [final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / rest)) for i in range(rest)]
+    cosine = [final + (base - final) * (1 + math.cos(math.pi * i / rest)) / 2 for i in range(rest)]
+    return warmup + cosine
 
 
-def save_checkpoint(state, path):
-    """Atomic and keeping the last good one: write PATH.tmp, move PATH to PATH.prev, rename the new file
-    to PATH. A kill at any moment leaves a complete checkpoint; a failed write (disk full) leaves the
-    old ones as they were and stops the run with a clear message."""
-    tmp = f"{path}.tmp"
-    try:
-        torch.save(state, tmp)
-    except (OSError, RuntimeError) as error:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise UserError(f"could not write the checkpoint {path} ({error}); the last good one is kept") from None
-    if os.path.exists(path):
-        os.replace(path, f"{path}.prev")
-    os.replace(tmp, path)
+def check_export_path(path):
+    """--export is written after the last epoch: a path that cannot be written fails now."""
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):  # export_backbone makes the missing folders
+        existing = os.path.dirname(existing)
+    if os.path.isdir(path) or not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UserError(f"--export {path}: cannot be written (a folder, under a file, read-only)")
 
 
-def load_checkpoint(path, log=print):
-    """The newest readable of PATH and PATH.prev, or None when neither exists. An unreadable file is
-    named and the previous checkpoint used instead."""
-    candidates = [p for p in (path, f"{path}.prev") if os.path.exists(p)]
-    for candidate in candidates:
-        try:
-            return torch.load(candidate, map_location="cpu", weights_only=False)
-        except Exception as error:
-            log(f"warning: cannot read {candidate} ({type(error).__name__}: {str(error)[:200]}); trying an older one")
-    if candidates:
-        raise UserError(f"no readable checkpoint in {os.path.dirname(path) or '.'}: {', '.join(candidates)} are broken")
-    return None
+HELD_LOCKS = {}  # lock file -> its open handle, for the rest of this process
 
 
 def lock_output_dir(output_dir):
-    """Hold OUTPUT_DIR/lock (host and pid of the holder) for the rest of this process, so two runs never
-    write the same folder. A lock left by a dead process on this host is taken over."""
-    os.makedirs(output_dir, exist_ok=True)
-    path, me = os.path.join(output_dir, "lock"), f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            with open(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
-                f.write(me)
-            atexit.register(lambda: os.path.exists(path) and open(path).read() == me and os.remove(path))
-            return
-        except FileExistsError:
-            host, _, pid = open(path).read().partition(" ")
-            if f"{host} {pid}" == me:
-                return  # this process holds it already (main() called twice in one process)
-            if host == socket.gethostname() and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
-                os.remove(path)  # stale: its holder is gone
-                continue
-            raise UserError(f"{output_dir} is in use by another run ({host} pid {pid}); wait, or remove {path} "
-                            "if no run is alive") from None
+    """Make OUTPUT_DIR and hold an exclusive lock on OUTPUT_DIR/lock, so that two runs never write
+    one folder. The kernel drops the lock when this process ends, however it ends: no stale lock."""
+    path = os.path.realpath(os.path.join(output_dir, "lock"))
+    if path in HELD_LOCKS:  # this process holds it already (main() called again, as tests do)
+        return
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        handle = open(path, "a")
+    except OSError as error:
+        raise UserError(f"--output-dir {output_dir}: cannot write ({error.strerror})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise UserError(f"{output_dir} is in use by another run: wait for it, or use another "
+                        "--output-dir") from None
+    HELD_LOCKS[path] = handle
+
+
+def save_checkpoint(state, path):
+    """Atomic: write PATH.tmp, then rename it to PATH, so that a kill at any moment leaves the last
+    complete checkpoint. A failed write (disk full) stops the run in one line, the old one kept."""
+    try:
+        torch.save(state, f"{path}.tmp")
+    except (OSError, RuntimeError) as error:
+        if os.path.exists(f"{path}.tmp"):
+            os.remove(f"{path}.tmp")
+        raise UserError(f"could not write the checkpoint {path} ({error}); the last one is "
+                        "kept") from None
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path):
+    """PATH's saved state, or None when there is none. An unreadable file stops in one line."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise UserError(f"cannot read {path} ({type(error).__name__}: {str(error)[:200]}); move it "
+                        "away to start the run again") from None
 
 
 def write_log(path, records):
-    """log.jsonl = exactly these records, one JSON line each, replaced atomically: after any kill and
-    resume it holds one line per finished epoch (the records travel in the checkpoint)."""
+    """log.jsonl = exactly these records, one JSON line each, replaced atomically: after any kill
+    and resume it holds one line per finished epoch (the records travel in the checkpoint)."""
     with open(f"{path}.tmp", "w") as f:
         f.writelines(json.dumps(record) + "\n" for record in records)
     os.replace(f"{path}.tmp", path)
@@ -691,12 +703,12 @@ def write_log(path, records):
 @torch.no_grad()
 def extract_features(feature_fn, dataset, batch_size, workers, device, rank, world_size, autocast,
                      memory_format=torch.contiguous_format):
-    """Features of the whole `dataset`, in its order, on every rank: rank r extracts the images r, r + W,
-    r + 2W, ... (so no rank idles into the NCCL timeout), then all ranks gather and interleave."""
+    """Features of the whole `dataset`, in its order, on every rank: rank r extracts the images
+    r, r + W, r + 2W, ... (no rank idles into the NCCL timeout), then all ranks gather them."""
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
                                          pin_memory=device.type == "cuda")
-    features, labels, dim = [], [], None
+    features, labels = [], []
     for images, targets in loader:
         with autocast:
             features.append(feature_fn(views.normalize(images, device, memory_format)).float())
@@ -706,36 +718,41 @@ def extract_features(feature_fn, dataset, batch_size, workers, device, rank, wor
     else:  # fewer images than processes: this rank's shard is empty
         with autocast:
             dim = feature_fn(views.normalize(dataset[0][0][None], device, memory_format)).shape[1]
-        features, labels = torch.zeros(0, dim, device=device), torch.zeros(0, dtype=torch.long, device=device)
-    per_rank = math.ceil(len(dataset) / world_size)  # pad every shard to the same length, gather, interleave
+        features = torch.zeros(0, dim, device=device)
+        labels = torch.zeros(0, dtype=torch.long, device=device)
+    per_rank = math.ceil(len(dataset) / world_size)  # pad the shards to one length
     pad = lambda t: torch.cat([t, t.new_zeros((per_rank - len(t),) + t.shape[1:])])
-    gather = lambda t: all_gather_cat(pad(t)).view(world_size, per_rank, *t.shape[1:]).transpose(0, 1).flatten(0, 1)
-    return gather(features)[:len(dataset)], gather(labels)[:len(dataset)]
+    gather = lambda t: (all_gather_cat(pad(t)).view(world_size, per_rank, *t.shape[1:])
+                        .transpose(0, 1).flatten(0, 1)[:len(dataset)])
+    return gather(features), gather(labels)
 
 
 @torch.no_grad()
-def knn_classify(bank, bank_labels, queries, query_labels, num_classes, k=20, temperature=0.07, chunk=512):
-    """Weighted kNN (official DINO eval_knn.py): the k most cosine-similar bank images vote for their class
-    with weight exp(sim / T). -> (top-1 %, top-5 %). Bank images with label -1 (unlabelled) do not vote."""
+def knn_classify(bank, bank_labels, queries, query_labels, num_classes, k=20, temperature=0.07,
+                 chunk=512):
+    """Weighted kNN (official DINO eval_knn.py): the k most cosine-similar bank images vote for
+    their class with weight exp(sim / T). -> (top-1 %, top-5 %). Bank images labelled -1 abstain."""
     keep = bank_labels >= 0
     bank, bank_labels = F.normalize(bank[keep].float(), dim=1), bank_labels[keep]
     k, top, hits = min(k, len(bank)), min(5, num_classes), torch.zeros(2, device=bank.device)
     for start in range(0, len(queries), chunk):
-        similarity, index = (F.normalize(queries[start:start + chunk].float(), dim=1) @ bank.T).topk(k, dim=1)
+        query = F.normalize(queries[start:start + chunk].float(), dim=1)
+        similarity, index = (query @ bank.T).topk(k, dim=1)
         votes = torch.zeros(len(similarity), num_classes, device=bank.device)
-        votes.scatter_add_(1, bank_labels[index], ((similarity - 1) / temperature).exp())  # exp(sim/T), no overflow
+        # exp((sim - 1) / T): the same ranking as exp(sim / T), without overflow
+        votes.scatter_add_(1, bank_labels[index], ((similarity - 1) / temperature).exp())
         hit = votes.topk(top, dim=1).indices == query_labels[start:start + chunk, None]
         hits += torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
     return tuple((100.0 * hits / max(1, len(queries))).tolist())
 
 
-def knn_monitor(backbone, bank_set, val_set, batch_size, workers, device, rank, world_size, autocast,
-                memory_format=torch.contiguous_format):
-    """kNN top-1 / top-5 (k 20, T 0.07) of `backbone` in eval mode, train bank -> val, on every rank."""
+def knn_monitor(backbone, bank_set, val_set, batch_size, workers, device, rank, world_size,
+                autocast, memory_format=torch.contiguous_format):
+    """kNN top-1 / top-5 (k 20, T 0.07) of `backbone` in eval mode, train bank -> val."""
     was_training = backbone.training
     backbone.eval()
-    extract = lambda dataset: extract_features(backbone, dataset, batch_size, workers, device, rank, world_size,
-                                               autocast, memory_format)
+    extract = lambda dataset: extract_features(backbone, dataset, batch_size, workers, device, rank,
+                                               world_size, autocast, memory_format)
     (bank, bank_labels), (val, val_labels) = extract(bank_set), extract(val_set)
     backbone.train(was_training)
     num_classes = max(len(getattr(bank_set, "classes", ())), int(bank_labels.max()) + 1)

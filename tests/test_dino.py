@@ -257,23 +257,19 @@ def test_finished_run_export_and_extension(image_folder, tmp_path, tiny, capsys)
     assert json.loads((out / "args.json").read_text())["epochs"] == 2
 
 
-def test_broken_checkpoints_fall_back_or_are_named(image_folder, tmp_path, tiny, capsys):
+def test_a_broken_checkpoint_is_named_in_one_line(image_folder, tmp_path, tiny):
+    """The save is atomic (a kill leaves the last complete file); a file broken otherwise is named and
+    left alone, never silently replaced."""
     out = tmp_path / "run"
-    dino.main(small_run_flags(image_folder, out, "--epochs", "2"))
-    assert (out / "checkpoint.pth.prev").exists()  # the previous good checkpoint is kept beside the new one
+    dino.main(small_run_flags(image_folder, out))
+    assert sorted(os.listdir(out)) == ["args.json", "checkpoint.pth", "lock", "log.jsonl"]
     (out / "checkpoint.pth").write_bytes((out / "checkpoint.pth").read_bytes()[:1000])  # truncated
-    dino.main(small_run_flags(image_folder, out, "--epochs", "2"))  # falls back to epoch 1, trains epoch 2 again
-    text = capsys.readouterr().out
-    assert f"cannot read {out / 'checkpoint.pth'}" in text and "resumed from" in text
-    assert torch.load(out / "checkpoint.pth", weights_only=False)["epoch"] == 2
-    assert [json.loads(line)["epoch"] for line in (out / "log.jsonl").read_text().splitlines()] == [1, 2]
-    for name in ("checkpoint.pth", "checkpoint.pth.prev"):
-        (out / name).write_bytes(b"")
-    with pytest.raises(dino.UserError, match="no readable checkpoint.*checkpoint.pth, .*checkpoint.pth.prev"):
+    with pytest.raises(dino.UserError, match=f"cannot read {out / 'checkpoint.pth'} .*move it away"):
         dino.main(small_run_flags(image_folder, out, "--epochs", "2"))
+    assert len((out / "checkpoint.pth").read_bytes()) == 1000
 
 
-def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_failed_save_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pth")
     dino.save_checkpoint({"epoch": 1}, path)
 
@@ -281,25 +277,46 @@ def test_failed_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
         open(file, "wb").write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos 64 vs 0")
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(dino.UserError, match="could not write the checkpoint.*the last good one is kept"):
+    with pytest.raises(dino.UserError, match="could not write the checkpoint.*the last one is kept"):
         dino.save_checkpoint({"epoch": 2}, path)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth"]
     assert torch.load(path, weights_only=False)["epoch"] == 1
 
 
-def test_output_dir_lock(tmp_path):
+def test_output_dir_lock_is_held_by_the_live_process_only(tmp_path):
+    """Another live process holding the folder refuses this run; a holder that died (even by kill -9,
+    leaving its lock file) holds nothing: the kernel released its lock."""
     out = tmp_path / "run"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = [sys.executable, "-c", f"import sys, time; sys.path.insert(0, {ROOT!r}); import dino; "
+              f"dino.lock_output_dir({str(out)!r}); print('locked', flush=True); time.sleep(60)"]
+    process = subprocess.Popen(holder, stdout=subprocess.PIPE, text=True, env=subprocess_env())
     try:
-        out.mkdir()
-        (out / "lock").write_text(f"{os.uname().nodename} {sleeper.pid}")
-        with pytest.raises(dino.UserError, match=f"in use by another run .* pid {sleeper.pid}"):
+        assert process.stdout.readline().strip() == "locked"
+        with pytest.raises(dino.UserError, match="in use by another run"):
             dino.lock_output_dir(str(out))
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    dino.lock_output_dir(str(out))  # the holder is dead: the stale lock is taken over
-    assert (out / "lock").read_text() == f"{os.uname().nodename} {os.getpid()}"
+        process.kill()
+        process.wait()
+    assert (out / "lock").exists()  # left behind by the killed holder
+    dino.lock_output_dir(str(out))  # and taken, with no message and no clean-up needed
+
+
+def test_unwritable_paths_are_one_line_errors_before_training(image_folder, tmp_path, tiny):
+    """--output-dir that is a file or under a file, --export under a file or a folder: refused before
+    the first step, and a refused command leaves no folder behind."""
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path / "file", "--output-dir .*file: cannot write"),
+                         (tmp_path / "file" / "run", "--output-dir .*file/run: cannot write")):
+        with pytest.raises(dino.UserError, match=message):
+            dino.main(small_run_flags(image_folder, out))
+    for export in (tmp_path / "file" / "b.pth", tmp_path):
+        with pytest.raises(dino.UserError, match="--export .*cannot be written"):
+            dino.main(small_run_flags(image_folder, tmp_path / "run", "--export", str(export)))
+    with pytest.raises(dino.UserError, match="--batch-size must be >= 1"):
+        dino.main(small_run_flags(image_folder, tmp_path / "run", "--batch-size", "0"))
+    with pytest.raises(dino.UserError, match="no such folder"):
+        dino.main(small_run_flags(tmp_path / "nowhere", tmp_path / "run"))
+    assert sorted(os.listdir(tmp_path)) == ["file", "images"]  # no run folder was made
 
 
 def test_bad_eval_data_is_found_before_training(image_folder, tmp_path, tiny):
@@ -321,9 +338,12 @@ def test_non_finite_loss_stops_and_keeps_no_checkpoint(image_folder, tmp_path, t
     original = dino.DINOLoss.forward
     monkeypatch.setattr(dino.DINOLoss, "forward", lambda self, s, t, temp: (original(self, s, t, temp)[0] * math.nan,
                                                                           (s.sum(), s.sum())))
-    with pytest.raises(SystemExit, match="non-finite loss in epoch 1, step 1"):
+    with pytest.raises(SystemExit, match="non-finite loss in epoch 1, step 1; no checkpoint yet. "
+                                         "Try a lower --lr$"):  # --amp is off: not suggested
         dino.main(small_run_flags(image_folder, tmp_path / "nan"))
     assert not (tmp_path / "nan" / "checkpoint.pth").exists()
+    with pytest.raises(SystemExit, match="Try --amp off or a lower --lr$"):
+        dino.main(small_run_flags(image_folder, tmp_path / "nan", "--amp", "bf16"))
 
 
 def test_collapse_is_flagged(image_folder, tmp_path, tiny, capsys):

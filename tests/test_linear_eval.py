@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import backbones
+import dino
 import linear_eval as le
 import views
 from conftest import ROOT, TinyBackbone, assert_ranks_identical, make_image_folder, run_torchrun, subprocess_env
@@ -179,7 +180,7 @@ def test_knn_on_an_image_folder(tmp_path):
                 Image.new("RGB", (40, 40), shade).save(tmp_path / split / name / f"{i}.png")
     mean_colour = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).train()
     bank_set, val_set = views.build_eval_datasets(str(tmp_path), views.eval_transform(32))
-    result = le.knn_monitor(mean_colour, bank_set, val_set, 4, 0, CPU, 0, 1, AMP_OFF)
+    result = dino.knn_monitor(mean_colour, bank_set, val_set, 4, 0, CPU, 0, 1, AMP_OFF)
     assert result == {"knn_top1": 100.0, "knn_top5": 100.0}  # 2 classes: top-5 is top-2
     assert mean_colour.training
     # the same bank with swapped val labels: every prediction is wrong
