@@ -5,17 +5,19 @@
     build_backbone("vit_tiny", drop_path_rate=0.1)                                  -> (B, 192)
 
 CNNs are torchvision's own definitions with the classifier replaced by nn.Identity, so the
-parameter names stay torchvision's: a backbone state_dict loads into `torchvision.models.resnet18()`
-with only `fc.weight`/`fc.bias` missing (SSLight's ResNet and MobileNetV2 are torchvision's: 7x7 stem,
-zero_init_residual False, width 1.0).
+parameter names stay torchvision's: a backbone state_dict loads into
+`torchvision.models.resnet18()` with only `fc.weight`/`fc.bias` missing (SSLight's ResNet and
+MobileNetV2 are torchvision's: 7x7 stem, zero_init_residual False, width 1.0).
 
-The ViT is written here (official DINO vision_transformer.py): patch 16, CLS token taken after the final
-norm, learned position embeddings interpolated bicubically to any input that is a multiple of 16
-(224 -> 14x14 patches, 128 -> 8x8, 96 -> 6x6), stochastic depth, and `last_cls_tokens(x, n)` for the
-ViT linear probe (official DINO eval_linear.py: CLS of the last 4 blocks, each through the final norm).
+The ViT is written here (official DINO vision_transformer.py): patch 16, CLS token taken after the
+final norm, learned position embeddings interpolated bicubically to any input that is a multiple of
+16 (224 -> 14x14 patches, 128 -> 8x8, 96 -> 6x6), stochastic depth, and `last_cls_tokens(x, n)` for
+the ViT linear probe (official DINO eval_linear.py: CLS of the last 4 blocks, each through the final
+norm).
 
-The facts a training script needs about an arch live here too: `is_vit`, `PATCH_SIZE`, `memory_format`
-(channels_last or not, per device) and `sync_batchnorm` (the one place BN becomes SyncBatchNorm).
+The facts a training script needs about an arch live here too: `is_vit`, `PATCH_SIZE`,
+`memory_format` (channels_last or not, per device) and `sync_batchnorm` (the one place BN becomes
+SyncBatchNorm).
 """
 import math
 import os
@@ -32,7 +34,7 @@ VIT_CONFIGS = {  # embed_dim, depth, heads (DINO's vit_tiny / vit_small)
 }
 ARCHS = sorted(CNN_FEAT_DIMS) + sorted(VIT_CONFIGS)
 PATCH_SIZE = 16
-# CNNs that run faster in channels_last on the CPU (measured with tests/benchmark.py on 2 cores: see README).
+# CNNs that run faster in channels_last on the CPU (tests/benchmark.py on 2 cores: see README).
 CPU_CHANNELS_LAST = {"mobilenet_v2"}
 
 
@@ -41,14 +43,15 @@ def is_vit(arch):
 
 
 def memory_format(arch, device):
-    """channels_last for CNNs on CUDA (cuDNN's fast NHWC kernels under AMP) and, on the CPU, for the CNNs
-    measured faster with it; ViTs and the rest stay contiguous. Crops must use the model's format."""
-    channels_last = not is_vit(arch) and (torch.device(device).type == "cuda" or arch in CPU_CHANNELS_LAST)
+    """channels_last for CNNs on CUDA (cuDNN's fast NHWC kernels under AMP) and, on the CPU, for
+    the CNNs measured faster with it; ViTs and the rest stay contiguous. Crops use the model's."""
+    on_cuda = torch.device(device).type == "cuda"
+    channels_last = not is_vit(arch) and (on_cuda or arch in CPU_CHANNELS_LAST)
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def sync_batchnorm(model, device, world_size):
-    """BatchNorm -> SyncBatchNorm (statistics over the global batch) when several CUDA processes run.
+    """BatchNorm -> SyncBatchNorm (statistics over the global batch) with several CUDA processes.
     SyncBatchNorm needs CUDA: CPU processes keep per-process statistics."""
     if world_size > 1 and torch.device(device).type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -107,7 +110,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
         x = F.scaled_dot_product_attention(q, k, v)  # flash / memory-efficient kernel on CUDA
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
@@ -182,7 +186,7 @@ class VisionTransformer(nn.Module):
     def tokens(self, x):
         B, _, H, W = x.shape
         if H % self.patch_size or W % self.patch_size:
-            raise ValueError(f"ViT input {H}x{W} is not a multiple of the patch size {self.patch_size}")
+            raise ValueError(f"ViT input {H}x{W}: not a multiple of the patch {self.patch_size}")
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
         return x + self.interpolate_pos_embed(H // self.patch_size, W // self.patch_size)
@@ -195,7 +199,8 @@ class VisionTransformer(nn.Module):
 
     def last_cls_tokens(self, x, n=4):
         """CLS tokens of the last n blocks, each through the final norm, concatenated:
-        (B, n * embed_dim). The ViT linear-probe feature (official DINO eval_linear.py; n=4 -> 768 for ViT-Tiny)."""
+        (B, n * embed_dim). The ViT linear-probe feature (official DINO eval_linear.py; n=4 ->
+        768 for ViT-Tiny)."""
         x = self.tokens(x)
         outputs = []
         for i, block in enumerate(self.blocks):
@@ -207,15 +212,17 @@ class VisionTransformer(nn.Module):
 
 def export_backbone(state_dict, path, arch):
     """Write the "backbone.*" weights of a network's state_dict alone: for CNNs they load into
-    torchvision.models.<arch>() with only the classifier keys missing; for ViTs into build_backbone(arch)."""
-    state_dict = {k[len("backbone."):]: v.cpu() for k, v in state_dict.items() if k.startswith("backbone.")}
+    torchvision.models.<arch>() with only the classifier keys missing; for ViTs into
+    build_backbone(arch)."""
+    state_dict = {k[len("backbone."):]: v.cpu() for k, v in state_dict.items()
+                  if k.startswith("backbone.")}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     torch.save(state_dict, path)
     print(f"exported the {arch} backbone ({len(state_dict)} tensors) to {path}")
 
 
 def multicrop_features(backbone, crops):
-    """Features of a list of crops [g1, g2, l1, ...] (each (B, 3, H, W)), view-major: (len(crops) * B, D).
+    """Features of crops [g1, g2, l1, ...] (each (B, 3, H, W)), view-major: (len(crops) * B, D).
 
     Consecutive crops of equal resolution are concatenated and run through the backbone in one
     call: 2 calls (globals, locals) instead of 2 + n (official DINO's MultiCropWrapper). This
