@@ -1,23 +1,23 @@
-"""Images in, views out: the paper's multi-crop view sampling (SSLight, Tan, Saleh, Martinez, ICLR 2023).
+"""Images in, views out: the multi-crop views of SSLight (Tan, Saleh, Martinez, ICLR 2023).
 
 The paper changes no SSL objective. For small networks it changes only how views are sampled and
-how the loss pairs are weighted (paper Sec. 3.3; SSLight's src/config/exp_yamls/*_{baseline,sslight}.yaml):
+how the loss pairs are weighted (paper Sec. 3.3; SSLight's src/config/exp_yamls):
 
     global crops   scale (0.14 or 0.25, 1)    ->  (0.3, 1)
     local crops    scale (0.05, 0.14 or 0.25) ->  (0.05, 0.3)
     local size     96 px                      ->  128 px
-    loss weights   plain average over pairs   ->  0.4 * mean(global-global) + 0.6 * mean(global-local)
+    loss weights   plain average over pairs   ->  0.4 mean(global-global) + 0.6 mean(global-local)
 
-This file holds the recipes as data (`RECIPES`), the transform that turns one image into
-[global_1, global_2, local_1 .. local_n] uint8 tensors, `normalize` (done on the device, so the loader
-ships 1 byte per pixel instead of 4), the evaluation transform, the data sets and a picture:
+Run as a script, it draws the views sampled from one image:
 
     python views.py photo.jpg --method dino --compare --out views.png
 """
 import argparse
 import dataclasses
+import functools
 import math
 import os
+import re
 import warnings
 
 import torch
@@ -33,7 +33,15 @@ REFERENCE_GLOBAL_SIZE = 224  # crop sizes in the recipes are for 224 px global c
 
 
 class UserError(Exception):
-    """A mistake in the command line or the data: the scripts print it in one line and exit with code 2."""
+    """A mistake in the command line or the data: the scripts print it in one line and exit 2."""
+
+    def __str__(self):
+        # Raised in a DataLoader worker, it comes back as UserError("Caught UserError in DataLoader
+        # worker process 0.\nOriginal Traceback ...\nviews.UserError: <message>"): keep <message>.
+        message = super().__str__()
+        if message.startswith("Caught UserError"):
+            message = re.sub(r"^([\w.]+\.)?UserError: ", "", message.strip().splitlines()[-1])
+        return message
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,15 +58,15 @@ class ViewRecipe:
     grayscale_p: float = 0.2
     blur_p: tuple = (1.0, 0.1, 0.5)  # global_1, global_2, every local crop
     solarize_p: float = 0.2        # second global crop only (PIL threshold 128)
-    interpolation: str = "bicubic"  # SSLight's src/data/transforms.py: bicubic crops for all three methods
+    interpolation: str = "bicubic"  # SSLight's src/data/transforms.py, for all three methods
 
     @property
     def alpha_beta(self):
         """Weights of the averaged global-global and global-local loss terms.
 
-        Baseline = the original methods' plain average over all pairs. In DINO and SwAV each of the 2
-        global views is paired with the other global view (2 gg pairs) and with every local (2 * n gl
-        pairs); in MoCo the key g1 is paired with g2 (1) and every local (n). Either way
+        Baseline = the original methods' plain average over all pairs. In DINO and SwAV each of the
+        2 global views is paired with the other global view (2 gg pairs) and with every local
+        (2 * n gl pairs); in MoCo the key g1 is paired with g2 (1) and every local (n). Either way
         alpha = n_gg / (n_gg + n_gl) = 1 / (1 + n_local): 1/7 for 6 locals, 1/11 for 10."""
         if self.loss_weights is not None:
             return tuple(self.loss_weights)
@@ -66,101 +74,108 @@ class ViewRecipe:
         return (1.0 / (1 + n), n / (1.0 + n))
 
 
-# DINO's photometric augmentation, used by SSLight for DINO and MoCo: colour jitter, blur p 1.0 / 0.1 / 0.5
-# (global_1 / global_2 / locals) and solarize on global_2.
+# DINO's photometric augmentation (SSLight uses it for MoCo too), and SwAV's own.
 DINO_AUGMENT = dict(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=(1.0, 0.1, 0.5), solarize_p=0.2)
-# SwAV's own: strong jitter, blur 0.5 on every view, no solarize.
 SWAV_AUGMENT = dict(jitter=(0.8, 0.8, 0.8, 0.2), blur_p=(0.5, 0.5, 0.5), solarize_p=0.0)
+# The paper's views: the same for every method and backbone, but for the number of locals.
+LIGHT = dict(global_scale=(0.3, 1.0), local_scale=(0.05, 0.3), local_size=128,
+             loss_weights=(0.4, 0.6))
 
 # Keys: (method, recipe). DINO has a CNN and a ViT variant (SSLight's src/config/exp_yamls).
 RECIPES = {
     ("dino_cnn", "baseline"): ViewRecipe((0.14, 1.0), (0.05, 0.14), 6, 96, **DINO_AUGMENT),
-    ("dino_cnn", "light"): ViewRecipe((0.3, 1.0), (0.05, 0.3), 6, 128, loss_weights=(0.4, 0.6), **DINO_AUGMENT),
+    ("dino_cnn", "light"): ViewRecipe(local_crops=6, **LIGHT, **DINO_AUGMENT),
     ("dino_vit", "baseline"): ViewRecipe((0.25, 1.0), (0.05, 0.25), 10, 96, **DINO_AUGMENT),
-    ("dino_vit", "light"): ViewRecipe((0.3, 1.0), (0.05, 0.3), 10, 128, loss_weights=(0.4, 0.6), **DINO_AUGMENT),
+    ("dino_vit", "light"): ViewRecipe(local_crops=10, **LIGHT, **DINO_AUGMENT),
     ("moco", "baseline"): ViewRecipe((0.14, 1.0), (0.05, 0.14), 6, 96, **DINO_AUGMENT),
-    ("moco", "light"): ViewRecipe((0.3, 1.0), (0.05, 0.3), 6, 128, loss_weights=(0.4, 0.6), **DINO_AUGMENT),
-    # The original 2-view MoCo-v2 "aug+" (official MoCo main_moco.py): RandomResizedCrop(0.2, 1) bilinear,
-    # jitter (0.4, 0.4, 0.4, 0.1), blur p 0.5 on both views, no solarize, no local crops.
+    ("moco", "light"): ViewRecipe(local_crops=6, **LIGHT, **DINO_AUGMENT),
+    # The 2-view MoCo-v2 "aug+" as published (official MoCo main_moco.py)
     ("moco", "classic"): ViewRecipe((0.2, 1.0), (0.05, 0.2), 0, 96, loss_weights=(1.0, 0.0),
                                     jitter=(0.4, 0.4, 0.4, 0.1), blur_p=(0.5, 0.5, 0.5),
                                     solarize_p=0.0, interpolation="bilinear"),
     ("swav", "baseline"): ViewRecipe((0.14, 1.0), (0.05, 0.14), 6, 96, **SWAV_AUGMENT),
-    ("swav", "light"): ViewRecipe((0.3, 1.0), (0.05, 0.3), 6, 128, loss_weights=(0.4, 0.6), **SWAV_AUGMENT),
+    ("swav", "light"): ViewRecipe(local_crops=6, **LIGHT, **SWAV_AUGMENT),
 }
 
 
 def get_recipe(method, recipe="light", vit=False, **overrides):
-    """The recipe of `method` (dino / moco / swav) and `recipe` (light / baseline / classic), with any
-    field overridden (None = keep). Overriding global_size alone rescales local_size by the same ratio,
-    so 112 px global crops get 48 (baseline) or 64 (light) px local crops."""
+    """The recipe of `method` (dino / moco / swav) and `recipe` (light / baseline / classic), with
+    any field overridden (None = keep). Overriding global_size alone rescales local_size by the same
+    ratio, so 112 px global crops get 48 (baseline) or 64 (light) px local crops."""
     key = ("dino_vit" if vit else "dino_cnn") if method == "dino" else method
     if (key, recipe) not in RECIPES:
         valid = sorted(r for m, r in RECIPES if m == key)
         raise UserError(f"no recipe {recipe!r} for {method}; valid: {', '.join(valid) or 'none'}")
     base = RECIPES[(key, recipe)]
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None}
+    overrides = {k: tuple(v) if isinstance(v, list) else v
+                 for k, v in overrides.items() if v is not None}
     if "global_size" in overrides and "local_size" not in overrides:
-        overrides["local_size"] = max(1, round(base.local_size * overrides["global_size"] / REFERENCE_GLOBAL_SIZE))
+        ratio = overrides["global_size"] / REFERENCE_GLOBAL_SIZE
+        overrides["local_size"] = max(1, round(base.local_size * ratio))
     recipe = dataclasses.replace(base, **overrides)
     for name, (low, high) in (("global", recipe.global_scale), ("local", recipe.local_scale)):
         if not 0 < low <= high <= 1:
             raise UserError(f"--{name}-scale {low} {high}: need 0 < MIN <= MAX <= 1")
     if recipe.global_size < 16 or (recipe.local_crops and recipe.local_size < 8):
-        raise UserError(f"crops of {recipe.global_size} px (global) / {recipe.local_size} px (local) are too small "
-                        "for any backbone here: use --global-size >= 16 (locals >= 8 px)")
-    if recipe.local_crops < 0 or min(recipe.alpha_beta) < 0:
-        raise UserError("--local-crops and --loss-weights must not be negative")
+        raise UserError(f"crops of {recipe.global_size} px (global) / {recipe.local_size} px "
+                        "(local) are too small: use --global-size >= 16 (locals >= 8 px)")
+    if recipe.local_crops < 0 or min(recipe.alpha_beta) < 0 or max(recipe.alpha_beta) == 0:
+        raise UserError("--local-crops must be >= 0, and --loss-weights ALPHA BETA (the weights of "
+                        "the mean global-global and global-local terms) >= 0 and not both 0")
     return recipe
 
 
-VIEW_FLAGS = ("global_size", "local_size", "local_crops", "global_scale", "local_scale", "loss_weights")
+VIEW_FLAGS = ("global_size", "local_size", "local_crops", "global_scale", "local_scale",
+              "loss_weights")
 
 
 def recipe_from_flags(method, flags, vit=False, patch_size=16):
-    """The recipe of --recipe with the view flags of `flags` (the parsed args, or a run's resolved config) applied.
-    A ViT's crops must be whole multiples of its patches."""
-    recipe = get_recipe(method, flags.recipe, vit, **{name: getattr(flags, name) for name in VIEW_FLAGS})
-    if vit and (recipe.global_size % patch_size or recipe.local_crops and recipe.local_size % patch_size):
-        raise UserError(f"a ViT needs crops in multiples of its {patch_size} px patches, not {recipe.global_size} / "
-                        f"{recipe.local_size} px: use --global-size 224 or 112 (locals 128 / 64), or set --local-size")
+    """The recipe of --recipe with the view flags of `flags` (the parsed args, or a run's resolved
+    config) applied. A ViT's crops must be whole multiples of its patches."""
+    recipe = get_recipe(method, flags.recipe, vit, **{k: getattr(flags, k) for k in VIEW_FLAGS})
+    if vit and (recipe.global_size % patch_size
+                or recipe.local_crops and recipe.local_size % patch_size):
+        raise UserError(f"a ViT needs crops in multiples of its {patch_size} px patches, not "
+                        f"{recipe.global_size} / {recipe.local_size} px: use --global-size 224 or "
+                        "112 (locals 128 / 64), or set --local-size")
     return recipe
 
 
 def resolved_view_flags(recipe):
     """The values the recipe's view flags resolved to, for a run's config (and its resume check)."""
-    return dict(global_size=recipe.global_size, local_size=recipe.local_size, local_crops=recipe.local_crops,
-                global_scale=recipe.global_scale, local_scale=recipe.local_scale, loss_weights=recipe.alpha_beta)
+    return {k: recipe.alpha_beta if k == "loss_weights" else getattr(recipe, k) for k in VIEW_FLAGS}
 
 
 def add_view_args(parser):
-    v = parser.add_argument_group("views (paper Sec. 3.3; --recipe light is the paper's, baseline the original's)")
+    v = parser.add_argument_group("views (paper Sec. 3.3)")
     v.add_argument("--recipe", default="light",
-                   help="light: global (0.3,1), local (0.05,0.3) at 128 px, loss weights 0.4/0.6. baseline: the "
-                        "original crops (CNN (0.14,1)/(0.05,0.14), ViT (0.25,1)/(0.05,0.25), 96 px), plain average. "
-                        "MoCo also: classic = the 2-view MoCo-v2 as published")
+                   help="light (the paper's): global (0.3,1), local (0.05,0.3) at 128 px, loss "
+                        "weights 0.4/0.6. baseline (the original's): CNN (0.14,1)/(0.05,0.14), "
+                        "ViT (0.25,1)/(0.05,0.25), 96 px, plain average. MoCo also: classic = "
+                        "the 2-view MoCo-v2 as published")
     v.add_argument("--global-size", type=int, default=None,
-                   help="224; smaller sizes scale the local size by the same ratio (112 -> 48 / 64)")
-    v.add_argument("--local-size", type=int, default=None, help="light 128, baseline 96 (for 224 px global crops)")
-    v.add_argument("--local-crops", type=int, default=None, help="6 for CNNs, 10 for ViT-Tiny (the paper keeps it)")
-    v.add_argument("--global-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="light 0.3 1")
-    v.add_argument("--local-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"), help="light 0.05 0.3")
+                   help="224; smaller sizes scale the local size alike (112 -> 48 / 64)")
+    v.add_argument("--local-size", type=int, default=None, help="light 128, baseline 96 (at 224)")
+    v.add_argument("--local-crops", type=int, default=None, help="6 for CNNs, 10 for ViT-Tiny")
+    for name, light in (("global", "0.3 1"), ("local", "0.05 0.3")):
+        v.add_argument(f"--{name}-scale", type=float, nargs=2, default=None,
+                       metavar=("MIN", "MAX"), help="light " + light)
     v.add_argument("--loss-weights", type=float, nargs=2, default=None, metavar=("ALPHA", "BETA"),
-                   help="weights of the averaged global-global / global-local terms: light 0.4 0.6; "
-                        "baseline 1/(1+n_local), n_local/(1+n_local) = a plain average over pairs")
+                   help="weights of the averaged global-global / global-local terms: light 0.4 "
+                        "0.6; baseline 1/(1+n_local), n_local/(1+n_local) = a plain average")
     v.add_argument("--views-on", default="loader", choices=["loader", "device"],
-                   help="loader: PIL crops in the loader processes (the paper's pipeline). device: the loader only "
-                        "decodes and the views are sampled in batches on the GPU (or CPU); not yet measured on a "
-                        "GPU. Departures: " + DEVICE_VIEWS_DEPARTURES)
+                   help="loader: PIL crops in the loader processes (the paper's pipeline). "
+                        "device: the loader only decodes, the views are sampled in batches on the "
+                        "GPU (or CPU); not yet measured on a GPU. Departures: "
+                        + DEVICE_VIEWS_DEPARTURES)
     return parser
 
 
 class MultiCropTransform:
-    """PIL image -> [global_1, global_2, local_1, ..., local_n] uint8 (3, H, W) tensors (`normalize` them).
-
-    One pipeline for all views; only blur (g1 / g2 / locals) and solarize (g2 only) differ per view.
-    Order inside a view (SSLight's src/data/transforms.py): crop -> flip -> colour jitter (with p) ->
-    grayscale -> Gaussian blur -> solarize. All randomness is torch's, so seeds make it reproducible."""
+    """PIL image -> [global_1, global_2, local_1, ..., local_n] uint8 (3, H, W) tensors, which
+    `normalize` turns into the network's input on the device. One pipeline for all views (SSLight's
+    src/data/transforms.py): crop -> flip -> colour jitter (with p) -> grayscale -> Gaussian blur ->
+    solarize; only blur (g1 / g2 / locals) and solarize (g2 only) differ per view."""
 
     def __init__(self, recipe: ViewRecipe):
         self.recipe = recipe
@@ -171,15 +186,16 @@ class MultiCropTransform:
         """(size, scale, blur_p, solarize_p) of each view, in output order."""
         r = self.recipe
         blur_g1, blur_g2, blur_local = r.blur_p
-        specs = [(r.global_size, r.global_scale, blur_g1, 0.0), (r.global_size, r.global_scale, blur_g2, r.solarize_p)]
-        return specs + [(r.local_size, r.local_scale, blur_local, 0.0)] * r.local_crops
+        return ([(r.global_size, r.global_scale, blur_g1, 0.0),
+                 (r.global_size, r.global_scale, blur_g2, r.solarize_p)]
+                + [(r.local_size, r.local_scale, blur_local, 0.0)] * r.local_crops)
 
     def __call__(self, image):
         return [view for view, _ in self.sample(image)]
 
     def sample(self, image):
-        """Like __call__, and also what was done per view: the crop box (left, top, width, height) in
-        source pixels and whether it was blurred / solarised."""
+        """Like __call__, and also what was done per view: the crop box (left, top, width, height)
+        in source pixels and whether it was blurred / solarised."""
         image = image.convert("RGB")
         return [self.one_view(image, *spec) for spec in self.view_specs()]
 
@@ -195,54 +211,62 @@ class MultiCropTransform:
             view = TF.rgb_to_grayscale(view, num_output_channels=3)
         blurred = bool(torch.rand(()) < blur_p)
         if blurred:  # PIL Gaussian blur, radius ~ U(0.1, 2.0), as DINO / SwAV
-            view = view.filter(ImageFilter.GaussianBlur(radius=0.1 + 1.9 * torch.rand(()).item()))
+            view = view.filter(ImageFilter.GaussianBlur(0.1 + 1.9 * torch.rand(()).item()))
         solarized = bool(torch.rand(()) < solarize_p)
         if solarized:
             view = ImageOps.solarize(view, threshold=128)
-        return TF.pil_to_tensor(view), dict(box=(left, top, w, h), blurred=blurred, solarized=solarized)
+        info = dict(box=(left, top, w, h), blurred=blurred, solarized=solarized)
+        return TF.pil_to_tensor(view), info
 
 
 def eval_transform(global_size=224):
-    """Resize(256) + CenterCrop(224), bicubic, scaled for other sizes (SSLight's classification code) -> uint8."""
-    return T.Compose([T.Resize(round(global_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC),
+    """Resize(256) + CenterCrop(224), bicubic, scaled to other sizes (SSLight) -> uint8."""
+    return T.Compose([T.Resize(round(global_size * 256 / 224), T.InterpolationMode.BICUBIC),
                       T.CenterCrop(global_size), T.PILToTensor()])
 
 
 def probe_transform(global_size=224):
-    """The linear probe's training augmentation (SSLight's classification code): RandomResizedCrop (bicubic) + flip
-    -> uint8."""
+    """The linear probe's augmentation (SSLight): RandomResizedCrop (bicubic) + flip -> uint8."""
     return T.Compose([T.RandomResizedCrop(global_size, interpolation=T.InterpolationMode.BICUBIC),
                       T.RandomHorizontalFlip(), T.PILToTensor()])
 
 
+@functools.lru_cache
+def imagenet_stats(device):
+    """ImageNet mean and std as (1, 3, 1, 1) tensors on `device`, and the scale and shift with
+    x * scale + shift = (x / 255 - mean) / std. Made once per device, not copied there per step."""
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1)
+                 for v in (IMAGENET_MEAN, IMAGENET_STD))
+    return mean, std, 1 / (255 * std), -mean / std
+
+
 def normalize(images, device, memory_format=torch.contiguous_format):
-    """uint8 (B, 3, H, W) from the loader -> float32 ImageNet-normalised on `device`: one copy of 1 byte
-    per pixel, then (x / 255 - mean) / std = x * a + b as one fused multiply-add."""
+    """uint8 (B, 3, H, W) -> float32 ImageNet-normalised on `device`, where the loader's batches
+    come in 1 byte per pixel, not 4: one copy, then one fused multiply-add."""
     images = images.to(device, non_blocking=True)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    scale, shift = 1 / (255 * std), -torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) / std
+    _, _, scale, shift = imagenet_stats(images.device)
     return torch.addcmul(shift, images, scale).contiguous(memory_format=memory_format)
 
 
-# ----------------------------------------------------------------------------------------------
-# Views on the device (--views-on gpu): the loader only decodes, the views are sampled here, batched
-# ----------------------------------------------------------------------------------------------
+# --- Views on the device (--views-on device): the loader only decodes, the views are made here ---
 
 DEVICE_VIEWS_DEPARTURES = (
-    "crops are bilinear, averaging ceil(crop / size)^2 samples per pixel when shrinking (roi_align), not PIL's "
-    "bicubic; the blur is a true Gaussian (13 taps, reflect padding), not PIL's box-blur approximation (edge "
-    "padding); colour jitter, grayscale and solarize are torchvision's float tensor ops and nothing is rounded "
-    "to uint8, where the PIL path rounds after each op, takes contrast against an integer grey mean, uses "
-    "(299, 587, 114) / 1000 grey weights and shifts hue in 8-bit HSV by whole 1/256 turns")
+    "bilinear crops, averaging ceil(crop / size)^2 samples per pixel when shrinking (roi_align), "
+    "not PIL's bicubic; a true Gaussian blur (13 taps, reflect padding), not PIL's box-blur "
+    "approximation (edge padding); torchvision's float tensor ops for colour jitter, grayscale and "
+    "solarize, never rounded to uint8, where the PIL path rounds after each op, takes contrast "
+    "against an integer grey mean, weighs grey (299, 587, 114) / 1000 and shifts hue in 8-bit HSV "
+    "by whole 1/256 turns")
 
 
 def collate_images(batch):
-    """DataLoader collate_fn for (uint8 (C, h, w) image, label) pairs of any sizes -> (uint8 (B, C, H, W)
-    padded to the largest h and w, long (B, 2) true (h, w), labels). The padding repeats each image's last
-    row and column, so a bilinear crop at an image's edge reads what it would read on the image alone."""
+    """(uint8 (C, h, w) image, label) pairs of any sizes -> (uint8 (B, C, H, W), long (B, 2) true
+    (h, w), labels). The padding repeats each image's last row and column, so that a bilinear crop
+    at an image's edge reads what it would read on the image alone."""
     images, labels = zip(*batch)
     sizes = torch.tensor([image.shape[1:] for image in images])
-    out = torch.empty((len(images), images[0].shape[0], *sizes.max(0).values.tolist()), dtype=torch.uint8)
+    out = torch.empty((len(images), images[0].shape[0], *sizes.max(0).values.tolist()),
+                      dtype=torch.uint8)
     for k, (image, (h, w)) in enumerate(zip(images, sizes.tolist())):
         out[k, :, :h, :w] = image
         out[k, :, :h, w:] = image[:, :, w - 1:]
@@ -250,36 +274,41 @@ def collate_images(batch):
     return out, sizes, torch.utils.data.default_collate(labels)
 
 
+# From here on, nothing makes the host wait for the device: no boolean-mask indexing (the host
+# counts the selected elements), no .item(), no tensor made from Python numbers per call (a
+# blocking copy). An op drawn for some images runs on all, and torch.where keeps it where drawn.
+
 def crop_boxes(sizes, scale, ratio=(3 / 4, 4 / 3), generator=None, tries=10):
-    """torchvision's RandomResizedCrop.get_params for N images at once: sizes (N, 2) = (h, w) -> float
-    (N, 4) boxes (left, top, width, height) in whole pixels. Per image 10 tries of area ~ U(scale) * h * w
-    and a log-uniform aspect ratio; the first that fits wins."""
-    rand = lambda *shape: torch.rand(shape, generator=generator, device=sizes.device)
+    """torchvision's RandomResizedCrop.get_params for N images at once: sizes (N, 2) = (h, w) ->
+    float (N, 4) boxes (left, top, width, height) in whole pixels. Per image 10 tries of area
+    ~ U(scale) * h * w and a log-uniform aspect ratio; the first that fits wins."""
+    rand = lambda *shape: torch.rand(len(sizes), *shape, generator=generator, device=sizes.device)
     height, width = sizes.float().unbind(1)
-    area = (height * width)[:, None] * (scale[0] + (scale[1] - scale[0]) * rand(len(sizes), tries))
+    area = (height * width)[:, None] * (scale[0] + (scale[1] - scale[0]) * rand(tries))
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
-    aspect = torch.exp(log_low + (log_high - log_low) * rand(len(sizes), tries))
+    aspect = torch.exp(log_low + (log_high - log_low) * rand(tries))
     w, h = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
     fits = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
     first, found = fits.int().argmax(1, keepdim=True), fits.any(1)
-    in_ratio = width / height  # if no try fits: the whole image cut to the nearest allowed ratio, centred
+    in_ratio = width / height  # if no try fits: the whole image cut to the nearest allowed ratio
     fallback_w = torch.where(in_ratio > ratio[1], (height * ratio[1]).round(), width)
     fallback_h = torch.where(in_ratio < ratio[0], (width / ratio[0]).round(), height)
     w = torch.where(found, w.gather(1, first)[:, 0], fallback_w)
     h = torch.where(found, h.gather(1, first)[:, 0], fallback_h)
-    top = torch.where(found, (rand(len(sizes)) * (height - h + 1)).floor().minimum(height - h), (height - h) // 2)
-    left = torch.where(found, (rand(len(sizes)) * (width - w + 1)).floor().minimum(width - w), (width - w) // 2)
+    free_y, free_x = height - h, width - w  # the fallback is centred
+    top = torch.where(found, (rand() * (free_y + 1)).floor().minimum(free_y), free_y // 2)
+    left = torch.where(found, (rand() * (free_x + 1)).floor().minimum(free_x), free_x // 2)
     return torch.stack([left, top, w, h], 1)
 
 
 def resized_crops(images, index, boxes, size):
-    """images[index[k]] cut to boxes[k] (left, top, width, height) and resized to (size, size), float: bilinear,
-    averaging ceil(box side / size)^2 samples per output pixel when shrinking (torchvision's roi_align)."""
+    """images[index[k]] cut to boxes[k] (left, top, width, height), resized to (size, size), float:
+    bilinear, averaging ceil(box side / size)^2 samples per pixel when shrinking (roi_align)."""
     rois = torch.cat([index[:, None].float(), boxes[:, :2], boxes[:, :2] + boxes[:, 2:]], 1)
     return torchvision.ops.roi_align(images.float(), rois, size, aligned=True)
 
 
-# torchvision.transforms.functional's tensor ops on float (N, 3, H, W) in [0, 1], one factor per image
+# torchvision.transforms.functional's tensor ops on float (N, 3, H, W) in [0, 1], a factor per image
 def rgb_to_grayscale(x):
     r, g, b = x.unbind(1)
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
@@ -303,14 +332,15 @@ def adjust_saturation(x, factor):
 
 
 def adjust_hue(x, shift):
-    """RGB -> HSV, hue + shift (in turns), -> RGB; HSV -> RGB in its closed form v - c * clamp(min(k, 4 - k), 0, 1)."""
+    """RGB -> HSV, hue + shift (in turns), -> RGB (v - c * clamp(min(k, 4 - k), 0, 1))."""
     r, g, b = x.unbind(1)
     v = x.amax(1)
     c = v - x.amin(1)
     safe_c = torch.where(c == 0, 1, c)
-    hue = torch.where(v == r, (g - b) / safe_c, torch.where(v == g, 2 + (b - r) / safe_c, 4 + (r - g) / safe_c))
+    hue = torch.where(v == r, (g - b) / safe_c,
+                      torch.where(v == g, 2 + (b - r) / safe_c, 4 + (r - g) / safe_c))
     hue = (hue + 6 * shift.view(-1, 1, 1)).unsqueeze(1)  # in sixths of a turn
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + hue) % 6
+    k = (torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1) + hue) % 6  # 5, 3, 1
     return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1)
 
 
@@ -319,8 +349,7 @@ def solarize(x):
 
 
 def gaussian_blur(x, sigma, radius=6):
-    """torchvision's gaussian_blur (kernel 2 * radius + 1, reflect padding) with one sigma per image: a
-    separable grouped convolution."""
+    """torchvision's gaussian_blur (2 * radius + 1 taps, reflect padding), a sigma per image."""
     n, c, h, w = x.shape
     if n == 0:
         return x
@@ -332,82 +361,98 @@ def gaussian_blur(x, sigma, radius=6):
     return F.conv2d(x, kernel[:, None, None, :], groups=n * c).view(n, c, h, w)
 
 
+def augment(x, drawn):
+    """MultiCropTransform.one_view after the crop, on float (N, 3, s, s) in [0, 1], as `drawn`
+    (DeviceMultiCrop.draw) says."""
+    where = lambda key, done, undone: torch.where(drawn[key].view(-1, 1, 1, 1), done, undone)
+    x = where("flipped", x.flip(-1), x)
+    jittered = x
+    for step in range(4):  # image i does op o = order[i, step] with factor factors[i, o]
+        op = drawn["order"][:, step]
+        factor = drawn["factors"].gather(1, op[:, None])[:, 0]
+        out = adjust_hue(jittered, factor)
+        for k, adjust in enumerate((adjust_brightness, adjust_contrast, adjust_saturation)):
+            out = torch.where(op.view(-1, 1, 1, 1) == k, adjust(jittered, factor), out)
+        jittered = out
+    x = where("jittered", jittered, x)
+    x = where("grayscale", rgb_to_grayscale(x).expand_as(x), x)
+    x = where("blurred", gaussian_blur(x, drawn["sigma"]), x)
+    return where("solarized", solarize(x), x)
+
+
 class DeviceMultiCrop:
-    """Decoded uint8 (B, 3, H, W) images on any device, padded by collate_images (`sizes` (B, 2) = true (h, w);
-    None = whole) -> [global_1, global_2, local_1, ..., local_n] float (B, 3, s, s), ImageNet-normalised: what
-    MultiCropTransform + normalize give, drawn from the same distributions per image and view, in one batched
-    pass per crop size. All randomness comes from `generator` (torch's default if None) on the images' device.
-    Departures from the PIL path: DEVICE_VIEWS_DEPARTURES."""
+    """uint8 (B, 3, H, W) images padded by collate_images (`sizes` (B, 2) = true (h, w); None =
+    whole) -> [global_1, global_2, local_1, ..., local_n] float (B, 3, s, s): what
+    MultiCropTransform + normalize give, from the same distributions, made per crop size in one
+    batched pass on the images' device, where `generator` (None: torch's default) draws. Departures
+    from the PIL path: DEVICE_VIEWS_DEPARTURES."""
 
     def __init__(self, recipe: ViewRecipe):
         self.recipe = recipe
+        specs = MultiCropTransform(recipe).view_specs()  # (size, scale, blur_p, solarize_p)
+        self.groups = [specs[:2], specs[2:]] if recipe.local_crops else [specs[:2]]  # by size
+        b, c, s, h = recipe.jitter  # the range of each factor, as in T.ColorJitter
+        self.jitter_ranges = [(max(0, 1 - b), 1 + b), (max(0, 1 - c), 1 + c),
+                              (max(0, 1 - s), 1 + s), (-h, h)]
 
     def __call__(self, images, sizes=None, generator=None, memory_format=torch.contiguous_format):
-        return [view.contiguous(memory_format=memory_format) for view, _ in self.sample(images, sizes, generator)]
+        views = self.sample(images, sizes, generator)
+        return [view.contiguous(memory_format=memory_format) for view, _ in views]
 
     def sample(self, images, sizes=None, generator=None):
-        """Like __call__, and also what was done to each view: a dict of per-image tensors box (left, top,
-        width, height) in source pixels, flipped, jittered, order (of brightness, contrast, saturation, hue),
-        factors (in that order), grayscale, blurred, sigma, solarized."""
-        r, n, device = self.recipe, len(images), images.device
+        """Like __call__, and also what was done to each view: its part of `draw`'s record."""
         if sizes is None:  # every image fills the batch tensor
-            sizes = torch.tensor([images.shape[-2:]]).expand(n, 2)
-        source, sizes = images.float(), sizes.to(device)
-        blur_global_1, blur_global_2, blur_local = r.blur_p
-        groups = [(r.global_size, r.global_scale, [blur_global_1, blur_global_2], [0.0, r.solarize_p])]
-        if r.local_crops:
-            groups.append((r.local_size, r.local_scale, [blur_local] * r.local_crops, [0.0] * r.local_crops))
-        mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
-        views = []
-        for size, scale, blur_p, solarize_p in groups:  # all views of one size at once, view-major
-            boxes = crop_boxes(sizes.repeat(len(blur_p), 1), scale, generator=generator)
-            x = resized_crops(source, torch.arange(n, device=device).repeat(len(blur_p)), boxes, size) / 255
-            per_view = lambda p: torch.tensor(p, device=device).repeat_interleave(n)
-            x, info = self.augment(x, per_view(blur_p), per_view(solarize_p), generator)
-            info = {key: value.split(n) for key, value in dict(box=boxes, **info).items()}
-            views += [(view, {key: value[i] for key, value in info.items()})
-                      for i, view in enumerate(((x - mean) / std).split(n))]
-        return views
+            sizes = torch.stack([torch.full((len(images),), side, device=images.device)
+                                 for side in images.shape[-2:]], 1)
+        return self.apply(images, self.draw(sizes.to(images.device, non_blocking=True), generator))
 
-    def augment(self, x, blur_p, solarize_p, generator):
-        """MultiCropTransform.one_view after the crop, on float (N, 3, s, s) in [0, 1] with per-image blur and
-        solarize probabilities: flip -> colour jitter (with p; 4 ops in a random order per image, each with
-        its own factor) -> grayscale -> Gaussian blur, sigma ~ U(0.1, 2.0) px -> solarize (>= 128/255)."""
-        r, n = self.recipe, len(x)
-        rand = lambda *shape: torch.rand(shape or (n,), generator=generator, device=x.device)
-        flipped = rand() < r.flip_p
-        x[flipped] = x[flipped].flip(-1)
-        jittered = rand() < r.jitter_p
-        bright, contrast, saturation, hue = r.jitter
-        low = torch.tensor([max(0, 1 - bright), max(0, 1 - contrast), max(0, 1 - saturation), -hue], device=x.device)
-        high = torch.tensor([1 + bright, 1 + contrast, 1 + saturation, hue], device=x.device)
-        factors, order = low + (high - low) * rand(n, 4), rand(n, 4).argsort(1)
-        for step in range(4):  # each op runs on the images that do it at this step only
-            for k, op in enumerate((adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)):
-                pick = jittered & (order[:, step] == k)
-                x[pick] = op(x[pick], factors[pick, k])
-        grayscale = rand() < r.grayscale_p
-        x[grayscale] = rgb_to_grayscale(x[grayscale]).expand(-1, 3, -1, -1)
-        blurred, sigma = rand() < blur_p, 0.1 + 1.9 * rand()
-        x[blurred] = gaussian_blur(x[blurred], sigma[blurred])
-        solarized = rand() < solarize_p
-        x[solarized] = solarize(x[solarized])
-        return x, dict(flipped=flipped, jittered=jittered, order=order, factors=factors, grayscale=grayscale,
-                       blurred=blurred, sigma=sigma, solarized=solarized)
+    def draw(self, sizes, generator=None):
+        """Every random choice for the views of images of true sizes (B, 2) = (h, w), on their
+        device: per crop size a dict of tensors with a row per view and image (view-major): box
+        (left, top, width, height), flipped, jittered, order (of brightness, contrast, saturation,
+        hue), factors (in that order), grayscale, blurred, sigma, solarized."""
+        r, b = self.recipe, len(sizes)
+        rand = lambda *shape: torch.rand(shape, generator=generator, device=sizes.device)
+        uniform = lambda n: torch.stack([low + (high - low) * u for (low, high), u
+                                         in zip(self.jitter_ranges, rand(n, 4).unbind(1))], 1)
+        drawn = []
+        for views in self.groups:  # drawn in this order, keyword by keyword
+            n = len(views) * b
+            drawn.append(dict(
+                box=crop_boxes(sizes.repeat(len(views), 1), views[0][1], generator=generator),
+                flipped=rand(n) < r.flip_p, jittered=rand(n) < r.jitter_p,
+                factors=uniform(n), order=rand(n, 4).argsort(1), grayscale=rand(n) < r.grayscale_p,
+                blurred=torch.cat([rand(b) < blur_p for _, _, blur_p, _ in views]),
+                sigma=0.1 + 1.9 * rand(n),  # px, as the PIL path's radius
+                solarized=torch.cat([rand(b) < solarize_p for *_, solarize_p in views])))
+        return drawn
+
+    def apply(self, images, drawn):
+        """The views of uint8 (B, 3, H, W) `images` made as `drawn` (on their device) says ->
+        [(view, its record)] in output order."""
+        b, device = len(images), images.device
+        mean, std, _, _ = imagenet_stats(device)
+        source, out = images.float(), []
+        for views, record in zip(self.groups, drawn):
+            index = torch.arange(b, device=device).repeat(len(views))
+            x = augment(resized_crops(source, index, record["box"], views[0][0]) / 255, record)
+            parts = {key: value.split(b) for key, value in record.items()}
+            out += [(view, {key: value[i] for key, value in parts.items()})
+                    for i, view in enumerate(((x - mean) / std).split(b))]
+        return out
 
 
 def view_pipeline(recipe, views_on="loader"):
-    """-> (the data set's transform, the loader's collate_fn, the device sampler or None). loader: the workers
-    make every view (PIL) and ship uint8 crops. device: the workers only decode, and DeviceMultiCrop samples
-    the views of the whole batch on the training device (departures from PIL: DEVICE_VIEWS_DEPARTURES)."""
+    """-> (the data set's transform, the loader's collate_fn, the device sampler or None): the
+    loader processes make the views (PIL), or only decode and DeviceMultiCrop makes them."""
     if views_on == "device":
         return T.PILToTensor(), collate_images, DeviceMultiCrop(recipe)
     return MultiCropTransform(recipe), None, None
 
 
 def batch_to_crops(batch, device, memory_format=torch.contiguous_format, sampler=None):
-    """A loader batch -> the [global_1, global_2, local_1, ...] crops on `device`, normalised: the loader's
-    uint8 crops copied and normalised, or, with a device sampler, the decoded images' views sampled there."""
+    """A loader batch -> the [global_1, global_2, local_1, ...] crops on `device`, normalised: the
+    loader's uint8 crops, or with a device sampler the views of the decoded images, made there."""
     if sampler is None:
         crops, _ = batch
         return [normalize(c, device, memory_format) for c in crops]
@@ -416,9 +461,9 @@ def batch_to_crops(batch, device, memory_format=torch.contiguous_format, sampler
 
 
 class Prefetcher:
-    """Iterates a loader one batch ahead. On CUDA, batch i + 1's tensors (pinned by the loader) are copied on a
-    side stream while step i computes on the default one, so the copy engine works beside the kernels; the
-    default stream waits for the copy before it reads the batch. Elsewhere the batches pass through unchanged."""
+    """Iterates a loader one batch ahead. On CUDA, batch i + 1's tensors (pinned by the loader) are
+    copied on a side stream while step i computes, and step i waits for batch i's copies only.
+    Elsewhere batches pass through unchanged, as do the leaves of a batch that are not tensors."""
 
     def __init__(self, loader, device):
         self.loader, self.device = loader, device
@@ -427,50 +472,50 @@ class Prefetcher:
         return len(self.loader)
 
     def _each(self, batch, fn):
-        return [self._each(b, fn) if isinstance(b, (list, tuple)) else fn(b) for b in batch]
+        if isinstance(batch, (list, tuple)):
+            return [self._each(b, fn) for b in batch]
+        return fn(batch) if isinstance(batch, torch.Tensor) else batch
 
-    def _copy(self, batch, stream):
-        with torch.cuda.stream(stream):
-            return self._each(batch, lambda t: t.to(self.device, non_blocking=True))
-
-    def _ready(self, batch, stream):
+    def _ready(self, batch, copied):
         compute = torch.cuda.current_stream(self.device)
-        compute.wait_stream(stream)  # the step reads the batch only once its copy is done
-        self._each(batch, lambda t: t.record_stream(compute))  # and its memory is not reused while the step runs
+        compute.wait_event(copied)  # the step reads the batch once its copies are done
+        self._each(batch, lambda t: t.record_stream(compute))  # memory kept until the step is done
         return batch
 
     def __iter__(self):
         if self.device.type != "cuda":
             yield from self.loader
             return
-        stream, upcoming = torch.cuda.Stream(self.device), None
+        side, upcoming = torch.cuda.Stream(self.device), None
         for batch in self.loader:
-            if upcoming is not None:
-                current, upcoming = upcoming, self._copy(batch, stream)  # start the next copy, then hand out
-                yield self._ready(current, stream)
-            else:
-                upcoming = self._copy(batch, stream)
+            with torch.cuda.stream(side):  # batch i + 1's copies, queued before batch i goes out
+                batch = self._each(batch, lambda t: t.to(self.device, non_blocking=True))
+            current, upcoming = upcoming, (batch, side.record_event())  # the event: copies done
+            if current is not None:
+                yield self._ready(*current)
         if upcoming is not None:
-            yield self._ready(upcoming, stream)
+            yield self._ready(*upcoming)
 
 
-# ----------------------------------------------------------------------------------------------
-# Data sets: an image folder, a torchvision set, or the built-in synthetic demo
-# ----------------------------------------------------------------------------------------------
+# --- Data sets: an image folder, a torchvision set, or the built-in synthetic demo ---
 
-DATA_HELP = ("an ImageFolder root (ImageNet layout: DIR/train), a flat folder of images, cifar10 | cifar100 | stl10 "
-             "(torchvision, downloaded into ./data), or synthetic (the built-in demo set, no files)")
+DATA_HELP = ("an ImageFolder root (ImageNet layout: DIR/train), a flat folder of images, cifar10 | "
+             "cifar100 | stl10 (torchvision, downloaded into ./data), or synthetic (the built-in "
+             "demo set, no files)")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-TEXTURES = ["h_stripes", "v_stripes", "checker", "dots", "rings", "grid", "triangles", "crosses", "diagonal", "zigzag"]
+# Larger images are skipped as unreadable, known from the header before anything is decoded. PIL
+# refuses only images over 179 megapixels, and a 12000 x 12000 PNG of 17 KB under that costs its
+# loader process 1.6 GB. 50 megapixels (150 MB as RGB) keeps the photos of 48-megapixel cameras.
+MAX_IMAGE_PIXELS = 50_000_000
+TEXTURES = ["h_stripes", "v_stripes", "checker", "dots", "rings", "grid", "triangles", "crosses",
+            "diagonal", "zigzag"]
 
 
 class SyntheticTextures(torch.utils.data.Dataset):
-    """The built-in demo set, made on the fly (no files): 10 classes, each a periodic pattern that FILLS the
-    image, in the same two grey levels for every image. Why: multi-crop SSL learns what two crops of one image
-    share. Here that can only be the pattern, since every crop (even a 5%-area local one) shows it; a per-image
-    colour would be a better instance cue than the class, and the networks would learn colour instead (they
-    did: kNN fell while the loss fell). What varies per image is what the augmentations vary too: the period
-    (0.14-0.22 of the side), the phase, the stroke thickness and, for 'diagonal', the direction."""
+    """The built-in demo set, made on the fly: 10 classes, each a periodic pattern that FILLS the
+    image, in the same two grey levels for every image, so that what two crops of an image share
+    (what multi-crop SSL learns) is the class, not a colour (README, "the data set"). Per image
+    vary the period (0.14-0.22 of the side), phase, stroke thickness and diagonals' direction."""
 
     BACKGROUND, FOREGROUND = (30, 30, 30), (225, 225, 225)
 
@@ -484,7 +529,8 @@ class SyntheticTextures(torch.utils.data.Dataset):
     def render(self, index):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         rand = lambda: torch.rand((), generator=g).item()
-        label, s, fg, name = index % len(TEXTURES), self.size, self.FOREGROUND, TEXTURES[index % len(TEXTURES)]
+        label, s, fg = index % len(TEXTURES), self.size, self.FOREGROUND
+        name = TEXTURES[label]
         image = Image.new("RGB", (s, s), self.BACKGROUND)
         draw = ImageDraw.Draw(image)
         p = s * (0.14 + 0.08 * rand())  # period in pixels
@@ -508,25 +554,28 @@ class SyntheticTextures(torch.utils.data.Dataset):
                     draw.rectangle([x, y, x + w - 1, y + p], fill=fg)
                     draw.rectangle([x, y, x + p, y + w - 1], fill=fg)
                 elif name == "triangles":
-                    draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fg)
+                    draw.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)],
+                                 fill=fg)
                 elif name == "crosses":
                     a, w = p * 0.4, max(1, p * 0.12)
                     draw.rectangle([cx - a, cy - w, cx + a, cy + w], fill=fg)
                     draw.rectangle([cx - w, cy - a, cx + w, cy + a], fill=fg)
                 elif name == "rings":
-                    draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg, width=max(1, round(p * 0.12)))
+                    draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=fg,
+                                 width=max(1, round(p * 0.12)))
         if name == "diagonal":
             direction = 1 if rand() < 0.5 else -1
             for k in range(-n, 2 * n):
                 x0, w = ox + k * p, t * 1.2
-                corners = [(x0, 0), (x0 + w, 0), (x0 + w - s, s), (x0 - s, s)] if direction > 0 else \
-                    [(x0 - s, 0), (x0 - s + w, 0), (x0 + w, s), (x0, s)]
-                draw.polygon(corners, fill=fg)
+                if direction > 0:
+                    draw.polygon([(x0, 0), (x0 + w, 0), (x0 + w - s, s), (x0 - s, s)], fill=fg)
+                else:
+                    draw.polygon([(x0 - s, 0), (x0 - s + w, 0), (x0 + w, s), (x0, s)], fill=fg)
         elif name == "zigzag":
             for j in range(-1, n):
                 xs = [ox + k * p / 2 - p for k in range(2 * n + 2)]
-                draw.line([(x, oy + j * p + (p * 0.4 if k % 2 else 0)) for k, x in enumerate(xs)], fill=fg,
-                          width=max(1, round(p * 0.18)))
+                draw.line([(x, oy + j * p + (p * 0.4 if k % 2 else 0)) for k, x in enumerate(xs)],
+                          fill=fg, width=max(1, round(p * 0.18)))
         return image, label
 
     def __getitem__(self, index):
@@ -535,137 +584,136 @@ class SyntheticTextures(torch.utils.data.Dataset):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images under `root`: an ImageFolder layout (root/<class>/<image>) or a flat folder of unlabelled
-    images (label 0). An unreadable image (a broken file, a decompression bomb) is skipped with a warning
-    naming it and the next image is used instead. The count of bad images lives in shared memory, so the
-    1% limit means the same with any number of loader processes."""
+    """Images under `root`: an ImageFolder layout (root/<class>/<image>) or a flat folder of
+    unlabelled images (label 0). An unreadable image (broken, a decompression bomb, over
+    MAX_IMAGE_PIXELS) is skipped with a warning naming it, for the next one. The count of bad
+    images is in shared memory: the 1% limit is per run, with any number of loader processes."""
 
     def __init__(self, root, transform=None):
         if not os.path.isdir(root):
             raise UserError(f"{root!r}: no such folder")
         self.root, self.transform = root, transform
         is_image = lambda name: name.lower().endswith(IMAGE_EXTENSIONS)
-        subdirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
         self.samples, self.classes = [], []
-        for c in subdirs:
-            files = [os.path.join(d, f) for d, _, fs in sorted(os.walk(os.path.join(root, c), followlinks=True))
-                     for f in sorted(fs) if is_image(f)]
+        for c in sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != "."):
+            walk = sorted(os.walk(os.path.join(root, c), followlinks=True))
+            files = [os.path.join(d, f) for d, _, fs in walk for f in sorted(fs) if is_image(f)]
             if files:
                 self.samples += [(path, len(self.classes)) for path in files]
                 self.classes.append(c)
         if not self.classes:  # a flat folder of unlabelled images
             self.classes = ["unlabelled"]
-            self.samples = [(os.path.join(root, f), 0) for f in sorted(os.listdir(root)) if is_image(f)]
+            self.samples = [(os.path.join(root, f), 0) for f in sorted(os.listdir(root))
+                            if is_image(f)]
         if not self.samples:
-            raise UserError(f"{root!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or in its sub-folders")
-        self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()  # seen by every loader process
+            raise UserError(f"{root!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or "
+                            "in its sub-folders")
+        self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
         for offset in range(len(self.samples)):
-            path, label = self.samples[(index + offset) % len(self.samples)]
+            k = (index + offset) % len(self.samples)
+            path, label = self.samples[k]
             try:
-                with Image.open(path) as f:
+                with Image.open(path) as f:  # reads the header only
+                    if f.width * f.height > MAX_IMAGE_PIXELS:
+                        raise ValueError(f"{f.width} x {f.height} pixels, more than "
+                                         f"views.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS}")
                     image = f.convert("RGB")
             except (OSError, ValueError, Image.DecompressionBombError) as error:
-                if not self.bad[(index + offset) % len(self.samples)]:
-                    self.bad[(index + offset) % len(self.samples)] = True
+                if not self.bad[k]:
+                    self.bad[k] = True
                     warnings.warn(f"skipping unreadable image {path}: {error}")
                 if self.bad.sum() > max(1, 0.01 * len(self.samples)):
-                    raise RuntimeError(f"more than 1% of the images under {self.root} are unreadable "
-                                       f"({int(self.bad.sum())} so far, e.g. {path}); fix the data set") from None
+                    raise UserError(f"more than 1% of the images under {self.root} are unreadable "
+                                    f"({int(self.bad.sum())} so far, e.g. {path})") from None
                 continue
             return (self.transform(image) if self.transform else image), label
-        raise RuntimeError(f"no readable image under {self.root}")
+        raise UserError(f"no readable image under {self.root}")
 
 
 def build_dataset(data, transform=None, split="train", download=True):
-    """--data value -> Dataset of (transform(image), label). split: "train" (every training image; STL-10
-    includes its 100k unlabelled ones), "labelled" (with labels, for kNN banks and probes) or "val"."""
+    """--data value -> Dataset of (transform(image), label). split: "train" (STL-10's includes its
+    100k unlabelled images), "labelled" (for kNN banks and probes) or "val"."""
     if data == "synthetic":
-        return SyntheticTextures(500 if split == "val" else 640, transform=transform, seed=1 if split == "val" else 0)
+        val = split == "val"
+        return SyntheticTextures(500 if val else 640, transform=transform, seed=int(val))
     if data in ("cifar10", "cifar100", "stl10"):
-        cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100,
-               "stl10": torchvision.datasets.STL10}[data]
-        if data == "stl10":
-            which = dict(split={"train": "train+unlabeled", "labelled": "train", "val": "test"}[split])
-        else:
-            which = dict(train=split != "val")
-        try:
-            return cls("data", download=download, transform=transform, **which)
+        stl10_splits = {"train": "train+unlabeled", "labelled": "train", "val": "test"}
+        which = dict(split=stl10_splits[split]) if data == "stl10" else dict(train=split != "val")
+        try:  # torchvision.datasets.CIFAR10, CIFAR100 or STL10
+            return getattr(torchvision.datasets, data.upper())(
+                "data", download=download, transform=transform, **which)
         except Exception as error:  # offline and not on disk yet
-            raise UserError(f"--data {data}: not in ./data and not downloadable ({type(error).__name__}: {error}); "
-                            "download it once with internet access, or pass an ImageFolder path") from None
+            raise UserError(f"--data {data}: not in ./data and not downloadable "
+                            f"({type(error).__name__}: {error}); download it once with internet "
+                            "access, or pass an ImageFolder path") from None
     return ImageFiles(data, transform)
 
 
 def build_eval_datasets(eval_data, transform, train_transform=None, download=True):
-    """-> (labelled train set, val set): a root with train/ and val/ image folders, or a named set. The
-    train set uses train_transform when given (linear probe), else transform (kNN bank)."""
+    """-> (labelled train set, val set): a root with train/ and val/ image folders, or a named set.
+    The train set uses train_transform when given (linear probe), else transform (kNN bank)."""
     if eval_data in ("synthetic", "cifar10", "cifar100", "stl10"):
         return (build_dataset(eval_data, train_transform or transform, "labelled", download),
                 build_dataset(eval_data, transform, "val", download))
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(eval_data, split)):
-            raise UserError(f"{eval_data!r} has no {split}/ folder: evaluation data needs ROOT/train and ROOT/val")
+            raise UserError(f"{eval_data!r} has no {split}/ folder: evaluation data needs "
+                            "ROOT/train and ROOT/val")
     return (ImageFiles(os.path.join(eval_data, "train"), train_transform or transform),
             ImageFiles(os.path.join(eval_data, "val"), transform))
 
 
-# ----------------------------------------------------------------------------------------------
-# The picture: sampled boxes on the source image, the augmented crops beside it
-# ----------------------------------------------------------------------------------------------
+# --- The picture: sampled boxes on the source image, the augmented crops beside it ---
 
 BOX_COLORS = ["#e6194b", "#f58231", "#3cb44b", "#4363d8", "#911eb4", "#42d4f4",
               "#f032e6", "#bfef45", "#469990", "#9a6324", "#800000", "#000075"]
 
 
 def draw_views(image, recipe, title="", panel=224):
-    """One row: the source (boxes: thick = global, thin = local) then every view at its true relative
-    size (a 128 px local is drawn 128/224 the size of a global crop)."""
+    """One row: the source (boxes: thick = global, thin = local) then every view at its true
+    relative size (a 128 px local is drawn 128/224 the size of a global crop)."""
     image = image.convert("RGB")
     views = MultiCropTransform(recipe).sample(image)
-    scale = panel / max(image.size)
+    scale, pad, label_h = panel / max(image.size), 6, 16
     source = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
-    draw = ImageDraw.Draw(source)
-    for i, (_, info) in enumerate(views):
+    sides = [round(panel * tensor.shape[-1] / recipe.global_size) for tensor, _ in views]
+    row = Image.new("RGB", (source.width + pad + sum(side + 4 + pad for side in sides),
+                            panel + 4 + 2 * label_h), "white")
+    draw, boxes, x = ImageDraw.Draw(row), ImageDraw.Draw(source), source.width + pad
+    draw.text((2, 1), title, fill="black")
+    for i, ((tensor, info), side) in enumerate(zip(views, sides)):
         left, top, w, h = (v * scale for v in info["box"])
-        draw.rectangle([left, top, left + w, top + h], outline=BOX_COLORS[i % 12], width=3 if i < 2 else 1)
-    pad, label_h, tiles = 6, 16, []
-    for i, (tensor, info) in enumerate(views):
-        side = round(panel * tensor.shape[-1] / recipe.global_size)
-        framed = Image.new("RGB", (side + 4, side + 4), BOX_COLORS[i % 12])
-        framed.paste(TF.to_pil_image(tensor).resize((side, side), Image.BICUBIC), (2, 2))
+        boxes.rectangle([left, top, left + w, top + h], outline=BOX_COLORS[i % 12],
+                        width=3 if i < 2 else 1)
+        draw.rectangle([x, label_h, x + side + 3, label_h + side + 3], fill=BOX_COLORS[i % 12])
+        row.paste(TF.to_pil_image(tensor).resize((side, side), Image.BICUBIC), (x + 2, label_h + 2))
         name = ("g%d" % (i + 1) if i < 2 else "l%d" % (i - 1))
-        tiles.append((framed, name + (" blur" if info["blurred"] else "") + (" sol" if info["solarized"] else "")))
-    width = source.width + pad + sum(t.width + pad for t, _ in tiles)
-    row = Image.new("RGB", (width, panel + 4 + 2 * label_h), "white")
-    text = ImageDraw.Draw(row)
-    text.text((2, 1), title, fill="black")
+        name += (" blur" if info["blurred"] else "") + (" sol" if info["solarized"] else "")
+        draw.text((x, label_h + side + 5), name, fill="black")
+        x += side + 4 + pad
     row.paste(source, (0, label_h))
-    x = source.width + pad
-    for tile, label in tiles:
-        row.paste(tile, (x, label_h))
-        text.text((x, label_h + tile.height + 1), label, fill="black")
-        x += tile.width + pad
     return row
 
 
 def describe(recipe):
     alpha, beta = recipe.alpha_beta
-    return (f"global {recipe.global_size}px scale {recipe.global_scale} | {recipe.local_crops} local "
-            f"{recipe.local_size}px scale {recipe.local_scale} | loss weights gg {alpha:.3f} gl {beta:.3f}")
+    return (f"global {recipe.global_size}px scale {recipe.global_scale} | {recipe.local_crops} "
+            f"local {recipe.local_size}px scale {recipe.local_scale} | loss weights gg "
+            f"{alpha:.3f} gl {beta:.3f}")
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Draw the multi-crop views sampled from one image.")
+    parser = argparse.ArgumentParser(description="Draw the multi-crop views sampled from an image.")
     parser.add_argument("image", help="path of an image file")
     parser.add_argument("--method", default="dino", choices=["dino", "moco", "swav"])
     parser.add_argument("--vit", action="store_true", help="DINO's ViT recipe (10 locals)")
     parser.add_argument("--recipe", default="light", choices=["light", "baseline", "classic"])
-    parser.add_argument("--compare", action="store_true", help="draw baseline and light, one row each")
+    parser.add_argument("--compare", action="store_true", help="baseline and light, a row each")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="views.png")
     args = parser.parse_args()
@@ -678,5 +726,6 @@ if __name__ == "__main__":
     sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
     for i, r in enumerate(rows):
         sheet.paste(r, (0, sum(r.height for r in rows[:i])))
-    (sheet.quantize(256) if args.out.lower().endswith(".png") else sheet).save(args.out)  # 256 colours: ~1/3 the size
+    # 256 colours: about a third of the size
+    (sheet.quantize(256) if args.out.lower().endswith(".png") else sheet).save(args.out)
     print(f"wrote {args.out}")

@@ -1,6 +1,8 @@
-"""views.py's device view sampler (--views-on gpu), on the CPU: box distributions against torchvision's
+"""views.py's device view sampler (--views-on device), on the CPU: box distributions against torchvision's
 RandomResizedCrop, per-view frequencies, each photometric op against torchvision's functional op, the crop
-against TF.resized_crop, the whole pipeline against torchvision ops applied in the recorded order, determinism."""
+against TF.resized_crop, the whole pipeline against torchvision ops applied in the recorded order, determinism,
+no host sync; and the prefetcher's order. Marked cuda (skipped without a GPU): the same on CUDA."""
+import collections
 import dataclasses
 import math
 
@@ -14,6 +16,8 @@ import views
 import views as dv
 
 RATIO = (3 / 4, 4 / 3)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+CUDA = pytest.param("cuda", marks=[pytest.mark.cuda, needs_cuda])
 
 
 def smooth_image(h, w, cells=8, seed=0):
@@ -143,14 +147,18 @@ def test_each_photometric_op_equals_torchvision():
     assert dv.gaussian_blur(x[:0], torch.ones(0)).shape == (0, 3, 20, 24)
 
 
+@pytest.mark.parametrize("device", ["cpu", CUDA])
 @pytest.mark.parametrize("method", ["dino", "swav"])
-def test_per_view_frequencies(method):
+def test_per_view_frequencies(method, device):
     """Each view's blur / solarize and every view's grayscale / jitter / flip rates within 4 sigma of the
-    recipe's; sigma ~ U(0.1, 2.0); jitter factors in torchvision's ranges and its 4 ops in a uniform order."""
+    recipe's; sigma ~ U(0.1, 2.0); jitter factors in torchvision's ranges and its 4 ops in a uniform order.
+    On CUDA too, drawn there by a CUDA generator."""
     recipe = views.get_recipe(method, "light")
     n = 2000
-    views_info = [info for _, info in dv.DeviceMultiCrop(tiny(recipe)).sample(
-        torch.zeros(n, 3, 24, 24, dtype=torch.uint8), generator=torch.Generator().manual_seed(1))]
+    sampled = dv.DeviceMultiCrop(tiny(recipe)).sample(
+        torch.zeros(n, 3, 24, 24, dtype=torch.uint8, device=device),
+        generator=torch.Generator(device).manual_seed(1))
+    views_info = [{key: value.cpu() for key, value in info.items()} for _, info in sampled]
     assert len(views_info) == 2 + recipe.local_crops
     blur_p = [recipe.blur_p[0], recipe.blur_p[1]] + [recipe.blur_p[2]] * recipe.local_crops
     solarize_p = [0.0, recipe.solarize_p] + [0.0] * recipe.local_crops
@@ -226,6 +234,75 @@ def test_seeded_generator_is_deterministic():
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
 
 
+SYNCS = ("aten::nonzero", "aten::_local_scalar_dense", "aten::item", "aten::is_nonzero")
+
+
+def aten_ops(fn):
+    """How often `fn` runs each aten op, by name (CPU profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    return collections.Counter(e.name for e in profile.events() if e.name.startswith("aten::"))
+
+
+def test_device_views_never_make_the_host_wait():
+    """Once the constants are made, no op that makes the host wait for the device (boolean-mask indexing
+    = aten::nonzero, .item(), `if tensor:`) and no tensor made from Python numbers (aten::lift_fresh, a
+    blocking host-to-device copy); and the same ops for 4 images as for 16. Likewise for normalize."""
+    sampler = dv.DeviceMultiCrop(views.get_recipe("dino", "light", global_size=16))
+    for with_sizes in (True, False):
+        counts = []
+        for n in (4, 16):
+            images = torch.zeros(n, 3, 24, 20, dtype=torch.uint8)
+            sizes = torch.tensor([[24, 20], [20, 12]]).repeat(n // 2, 1) if with_sizes else None
+            sampler(images, sizes)
+            counts.append(aten_ops(lambda: sampler(images, sizes)))
+        assert all(counts[0][name] == 0 for name in SYNCS + ("aten::lift_fresh",)), counts[0]
+        assert counts[0] == counts[1]
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    views.normalize(images, "cpu")
+    assert aten_ops(lambda: views.normalize(images, "cpu"))["aten::lift_fresh"] == 0
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_device_views_on_cuda_never_synchronize():
+    """CUDA's sync debug mode, set to raise, sees no synchronising call once the constants are made:
+    with and without sizes, and in normalize from a pinned batch."""
+    sampler = dv.DeviceMultiCrop(views.get_recipe("dino", "light", global_size=32))
+    images = torch.randint(0, 256, (8, 3, 48, 40), dtype=torch.uint8, device="cuda")
+    sizes = torch.tensor([[48, 40], [30, 20]], device="cuda").repeat(4, 1)
+    pinned = torch.zeros(8, 3, 16, 16, dtype=torch.uint8).pin_memory()
+    run = lambda: (sampler(images, sizes), sampler(images), views.normalize(pinned, "cuda"))
+    run()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_views_equal_the_cpu_views_for_the_same_draws(monkeypatch):
+    """The random choices drawn once (on the CPU), then applied on the CPU and on CUDA: the same views.
+    TF32 is off, so that the blur is float32 on both. Float rounding may still move a pixel across the
+    solarize threshold: by 2 * 128/255 - 1 = 0.004, 0.02 after normalisation, hence the largest gap."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    images = [smooth_image(*shape, seed=k) for k, shape in enumerate([(40, 60), (64, 30), (30, 30), (50, 50)])]
+    batch, sizes, _ = dv.collate_images([(image, 0) for image in images])
+    recipe = dataclasses.replace(views.get_recipe("dino", "light", global_size=24), solarize_p=0.5)
+    sampler = dv.DeviceMultiCrop(recipe)
+    drawn = sampler.draw(sizes, torch.Generator().manual_seed(3))
+    on_cpu = sampler.apply(batch, drawn)
+    on_cuda = sampler.apply(batch.cuda(), [{key: value.cuda() for key, value in d.items()} for d in drawn])
+    assert len(on_cuda) == len(on_cpu) == 2 + recipe.local_crops
+    for (mine, _), (theirs, _) in zip(on_cuda, on_cpu):
+        assert mine.is_cuda and mine.shape == theirs.shape
+        gap = (mine.cpu() - theirs).abs()
+        assert gap.max() < 0.02 and gap.mean() < 1e-4
+
+
 def test_prefetcher_passes_batches_through_off_cuda():
     batches = [([torch.full((2, 3, 4, 4), k, dtype=torch.uint8)], torch.tensor([k, k])) for k in range(3)]
     prefetched = list(views.Prefetcher(batches, torch.device("cpu")))
@@ -233,28 +310,39 @@ def test_prefetcher_passes_batches_through_off_cuda():
     assert [b is a for a, b in zip(batches, prefetched)] == [True] * 3
 
 
-def test_prefetcher_copies_the_next_batch_before_handing_out_the_current(monkeypatch):
-    """The CUDA path's order, with the CUDA calls recorded instead of run: batch i + 1's copy is issued on the
-    side stream before batch i is handed out, and batch i is handed out only after the default stream waited
-    for the copies and every tensor of it was recorded on the default stream."""
-    events = []
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """The CUDA calls the prefetcher makes, recorded instead of run: -> (the record, a tensor class
+    whose .to and .record_stream are recorded, the default stream)."""
+    record = []
 
-    class FakeTensor:
-        def __init__(self, name, on_device=False):
-            self.name, self.on_device = name, on_device
+    class FakeTensor(torch.Tensor):
+        def __new__(cls, tag, on_device=False):
+            tensor = torch.Tensor._make_subclass(cls, torch.empty(0))
+            tensor.tag, tensor.on_device = tag, on_device
+            return tensor
 
         def to(self, device, non_blocking=False):
-            events.append(("copy", self.name, torch.cuda.is_side_stream, non_blocking))
-            return FakeTensor(self.name, on_device=True)
+            record.append(("copy", self.tag, torch.cuda.is_side_stream, non_blocking))
+            return FakeTensor(self.tag, on_device=True)
 
         def record_stream(self, stream):
-            events.append(("record", self.name, stream))
+            record.append(("record", self.tag, stream))
 
-    class FakeStream:
-        def wait_stream(self, other):
-            events.append(("wait", other))
+    class SideStream:
+        def record_event(self):
+            event = f"event{sum(entry[0] == 'event' for entry in record)}"
+            record.append(("event", event))
+            return event
 
-    side, compute = object(), FakeStream()
+    class ComputeStream:
+        def wait_event(self, event):
+            record.append(("wait", event))
+
+        def wait_stream(self, stream):
+            record.append(("wait for the whole stream", stream))
+
+    side, compute = SideStream(), ComputeStream()
 
     class StreamContext:
         def __init__(self, stream):
@@ -270,14 +358,73 @@ def test_prefetcher_copies_the_next_batch_before_handing_out_the_current(monkeyp
     monkeypatch.setattr(torch.cuda, "Stream", lambda device: side)
     monkeypatch.setattr(torch.cuda, "stream", StreamContext)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device: compute)
+    return record, FakeTensor, compute
+
+
+def test_prefetcher_copies_the_next_batch_before_handing_out_the_current(fake_cuda):
+    """The CUDA path's order: batch i + 1's copies are issued on the side stream, then an event recorded
+    after them, before batch i is handed out; batch i is handed out only after the default stream waited
+    for batch i's event (not for the side stream, which by then also holds batch i + 1's copies) and
+    every tensor of it was recorded on the default stream."""
+    events, FakeTensor, compute = fake_cuda
     loader = [([FakeTensor(f"crops{k}")], FakeTensor(f"labels{k}")) for k in range(3)]
     out = []
     for crops, labels in views.Prefetcher(loader, torch.device("cuda")):
         assert crops[0].on_device and labels.on_device
-        events.append(("step", crops[0].name))
-        out.append(labels.name)
+        events.append(("step", crops[0].tag))
+        out.append(labels.tag)
     assert out == ["labels0", "labels1", "labels2"]
-    copy = lambda k: [("copy", f"crops{k}", True, True), ("copy", f"labels{k}", True, True)]
-    ready = lambda k: [("wait", side), ("record", f"crops{k}", compute), ("record", f"labels{k}", compute)]
+    copy = lambda k: [("copy", f"crops{k}", True, True), ("copy", f"labels{k}", True, True),
+                      ("event", f"event{k}")]
+    ready = lambda k: [("wait", f"event{k}"), ("record", f"crops{k}", compute),
+                       ("record", f"labels{k}", compute)]
     assert events == (copy(0) + copy(1) + ready(0) + [("step", "crops0")] + copy(2) + ready(1)
                       + [("step", "crops1")] + ready(2) + [("step", "crops2")])
+
+
+def test_prefetcher_passes_leaves_that_are_not_tensors_through(fake_cuda):
+    """Strings, ints and None in a batch are handed out as they are, off CUDA and on (where only the
+    tensors are copied and recorded)."""
+    batches = [(torch.zeros(2), ["a.png", "b.png"], [k, None]) for k in range(2)]
+    assert [b is a for a, b in zip(batches, views.Prefetcher(batches, torch.device("cpu")))] == [True] * 2
+    events, FakeTensor, compute = fake_cuda
+    loader = [(FakeTensor(f"images{k}"), ["a.png", "b.png"], [k, None]) for k in range(2)]
+    out = list(views.Prefetcher(loader, torch.device("cuda")))
+    assert [(images.on_device, names, rest) for images, names, rest in out] == [
+        (True, ["a.png", "b.png"], [k, None]) for k in range(2)]
+    assert [entry[:2] for entry in events if entry[0] in ("copy", "record")] == [
+        ("copy", "images0"), ("copy", "images1"), ("record", "images0"), ("record", "images1")]
+
+
+@pytest.mark.cuda
+@needs_cuda
+def test_prefetcher_on_cuda_hands_out_the_loaders_batches_without_waiting_for_the_next(monkeypatch):
+    """On a real GPU: the batches handed out equal the loader's, on the GPU, and step 0 does not wait
+    for batch 1's copy: that copy is queued behind a long sleep on the side stream, and step 0's work
+    finishes while the side stream still sleeps."""
+    side = torch.cuda.Stream()
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: side)  # the prefetcher's side stream
+    batches = [([torch.full((64, 3, 16, 16), k, dtype=torch.uint8).pin_memory(), ["x.png", k]],
+                (torch.arange(4) + k).pin_memory()) for k in range(3)]
+
+    def loader():
+        for k, batch in enumerate(batches):
+            if k == 1:  # batch 1's copy will wait for about a second of sleep on the side stream
+                with torch.cuda.stream(side):
+                    torch.cuda._sleep(10 ** 9)
+            yield batch
+
+    out, side_busy_after_step_0 = [], None
+    for k, (crops, labels) in enumerate(views.Prefetcher(loader(), torch.device("cuda"))):
+        crops[0].float().sum()  # step k's work, on the default stream
+        done = torch.cuda.Event()
+        done.record()
+        done.synchronize()
+        if k == 0:
+            side_busy_after_step_0 = not side.query()
+        out.append((crops, labels))
+    assert side_busy_after_step_0
+    assert len(out) == len(batches)
+    for ((images, names), labels), (crops, labels_out) in zip(batches, out):
+        assert crops[0].is_cuda and labels_out.is_cuda and crops[1] == names
+        assert torch.equal(crops[0].cpu(), images) and torch.equal(labels_out.cpu(), labels)

@@ -202,6 +202,20 @@ def test_recipe_derived_values_and_overrides():
     assert "classic" in str(info.value)
 
 
+@pytest.mark.parametrize("weights", [[0.0, 0.0], [-0.1, 1.0]])
+def test_loss_weights_must_be_non_negative_and_not_both_zero(weights, tmp_path):
+    """--loss-weights 0 0 once trained a whole epoch at loss 0.0000: refused in one line, exit 2."""
+    with pytest.raises(views.UserError, match="ALPHA BETA .* >= 0 and not both 0"):
+        views.get_recipe("dino", "light", loss_weights=weights)
+    assert views.get_recipe("dino", "light", loss_weights=[0.0, 1.0]).alpha_beta == (0.0, 1.0)
+    if weights == [0.0, 0.0]:  # through a script: before any folder or step
+        result = subprocess.run([sys.executable, os.path.join(REPO, "dino.py"), "--loss-weights", "0",
+                                 "0", "--output-dir", str(tmp_path / "run")], capture_output=True,
+                                text=True, timeout=120, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+        assert "--loss-weights" in result.stderr and not (tmp_path / "run").exists()
+
+
 def test_moco_classic_recipe():
     r = views.get_recipe("moco", "classic")
     assert tuple(r.global_scale) == (0.2, 1.0) and r.local_crops == 0
@@ -426,7 +440,7 @@ def test_image_files_too_many_corrupt_images(tmp_path):
     for k in range(5):
         (root / f"bad_{k}.jpg").write_bytes(b"garbage")
     ds = views.ImageFiles(str(root))
-    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="1%"):
+    with warnings.catch_warnings(), pytest.raises(views.UserError, match="1%"):
         warnings.simplefilter("ignore")
         for i in range(len(ds)):
             ds[i]
@@ -486,7 +500,7 @@ def test_bad_image_count_is_per_run_across_loader_processes(tmp_path):
     bad = [i for i, (p, _) in enumerate(ds.samples) if p.endswith("_bad.jpg")]
     order = torch.utils.data.Subset(ds, bad + list(range(len(ds))))  # worker w gets batch w: one bad file each
     loader = torch.utils.data.DataLoader(order, batch_size=1, num_workers=3)
-    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="1%"):
+    with warnings.catch_warnings(), pytest.raises(views.UserError, match="1%"):
         warnings.simplefilter("ignore")
         for _ in loader:
             pass
