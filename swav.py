@@ -1,16 +1,11 @@
 """SwAV pre-training with the paper's view sampling (SSLight, Tan, Saleh, Martinez, ICLR 2023).
 
-    python swav.py                                              # the CPU demo on the built-in synthetic set
-    python swav.py --arch mobilenet_v2 --data /path/imagenet/train
-    torchrun --nproc_per_node=8 swav.py --data /path/imagenet/train     # the paper: 8 x 128 images
+    python swav.py                                    # the CPU demo on the built-in synthetic set
+    torchrun --nproc_per_node=8 swav.py --data /path/imagenet/train    # the paper: 8 x 128 images
 
-One network (backbone + projection head + prototypes) sees every crop. The 2 global crops get codes:
-Sinkhorn-Knopp spreads the batch (plus a queue of past embeddings) evenly over K = 3000 prototypes, and
-every other crop must predict them ("swapped prediction"). There is no teacher and no EMA. SSLight changes
-only the crops and the loss weights (views.py); every default below is the paper's (SSLight's
-exp_yamls/swav, src/sslight/model/swav.py) unless noted.
-Output: <output-dir>/{args.json, log.jsonl, checkpoint.pth}; a rerun resumes. The
-checkpoint holds every process's queue.
+One network sees every crop. Sinkhorn-Knopp spreads the 2 global crops (and a queue of past ones)
+evenly over K = 3000 prototypes, and every other crop must predict those codes ("swapped
+prediction"). No teacher, no EMA. Defaults are the paper's (SSLight's exp_yamls/swav).
 """
 import argparse
 import fcntl
@@ -32,143 +27,126 @@ import views
 from views import UserError
 
 PAPER_EPOCHS = 200
-# The paper's warm-ups, in epochs of its 200-epoch run (SSLight's swav_cnn_*.yaml). Left unset, a shorter
-# run keeps the same fraction of its length: 5 %, 7.5 % and 0.5 %.
+# The paper's warm-ups in epochs of its 200; a shorter run keeps their share (5 %, 7.5 %, 0.5 %).
 PAPER_WARMUPS = dict(warmup_epochs=10, epoch_queue_starts=15, freeze_prototypes_epochs=1)
-# Settings of this machine and command, never taken from a checkpoint.
+# Settings of this machine, never from a checkpoint; and the flags a resumed run may change.
 THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export", "compile"}
-# Settings a resumed run may change when typed again; every other one is compared with the checkpoint's.
-RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}  # a moved --data: its size is checked
+RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("SwAV pre-training (SSLight recipes)",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r = parser.add_argument_group("run")
-    r.add_argument("--arch", default="mobilenet_v2", choices=backbones.ARCHS, help="the paper's SwAV: mobilenet_v2")
+    r.add_argument("--arch", default="mobilenet_v2", choices=backbones.ARCHS, help="the paper's")
     r.add_argument("--data", default="synthetic", help=views.DATA_HELP)
-    r.add_argument("--output-dir", default=None, help="default runs/swav-<arch>; a rerun resumes from its checkpoint")
-    r.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help="paper 200. More on a finished run extends it")
-    r.add_argument("--batch-size", type=int, default=128, help="per process; paper 128 x 8 GPUs = 1024")
-    r.add_argument("--workers", type=int, default=None,
-                   help="loader processes per process; default: the node's cores / processes per node, at most 8")
+    r.add_argument("--output-dir", help="default runs/swav-<arch>; a rerun resumes its run")
+    r.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help="paper 200; more extends a run")
+    r.add_argument("--batch-size", type=int, default=128, help="per process; paper 128 x 8 GPUs")
+    r.add_argument("--workers", type=int, help="default: the node's cores / processes, at most 8")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="autocast: auto = bf16 on GPUs of compute capability >= 8.0, fp16 (+ GradScaler) below, "
-                        "off on the CPU; the paper trained in fp32. Sinkhorn and the loss stay fp32")
-    r.add_argument("--compile", action="store_true",
-                   help="torch.compile the network (off until measured on a GPU)")
-    r.add_argument("--log-every", type=int, default=20, help="steps between progress updates (each is one host sync)")
-    r.add_argument("--export", default=None, metavar="PATH",
-                   help="write the backbone's state_dict (torchvision's format for CNNs) to PATH at the end; "
-                        "on a finished run only --output-dir is needed")
-    r.add_argument("--eval-data", default=None, help="kNN monitor (k 20, T 0.07): a root with train/ and val/ "
-                                                     "image folders, cifar10, or synthetic; epoch 0 = untrained")
-    r.add_argument("--eval-every", type=int, default=1, help="epochs between kNN evaluations (and the last one)")
+                   help="auto: bf16 on compute capability >= 8.0, fp16 (+ GradScaler) below, off "
+                        "on the CPU; the paper trained in fp32. Sinkhorn and the loss stay fp32")
+    r.add_argument("--compile", action="store_true", help="torch.compile the network")
+    r.add_argument("--log-every", type=int, default=20, help="steps between logs (one sync each)")
+    r.add_argument("--export", metavar="PATH",
+                   help="write the backbone (torchvision's format for CNNs) to PATH at the end")
+    r.add_argument("--eval-data", help="kNN monitor (k 20, T 0.07): a root with train/ and val/ "
+                                       "image folders, cifar10, or synthetic")
+    r.add_argument("--eval-every", type=int, default=1, help="epochs between kNN evaluations")
     views.add_view_args(parser)
-    m = parser.add_argument_group("SwAV head, codes and queue (None = the paper's value, scaled to the run)")
-    m.add_argument("--hidden-dim", type=int, default=4096, help="projection MLP width (official SwAV: 2048)")
-    m.add_argument("--feat-dim", type=int, default=128, help="L2-normalised embedding fed to the prototypes")
+    m = parser.add_argument_group("SwAV head, codes and queue (None: the paper's, scaled to a run)")
+    m.add_argument("--hidden-dim", type=int, default=4096, help="projection width (SwAV's: 2048)")
+    m.add_argument("--feat-dim", type=int, default=128, help="the embedding the prototypes score")
     m.add_argument("--num-prototypes", type=int, default=3000,
-                   help="K. A loss stuck at ln K (8.006 for 3000) is collapse: see the 'collapse:' log line")
-    m.add_argument("--temperature", type=float, default=0.1, help="of the softmax that predicts the codes")
+                   help="K; a loss stuck at ln K (8.006 for 3000) is collapse")
+    m.add_argument("--temperature", type=float, default=0.1, help="of the softmax predicting codes")
     m.add_argument("--epsilon", type=float, default=0.05,
-                   help="Sinkhorn entropy regularisation; SwAV's authors advise 0.03 against collapse")
-    m.add_argument("--sinkhorn-iterations", type=int, default=3, help="3 already give near-equal prototype masses")
-    m.add_argument("--freeze-prototypes-epochs", type=float, default=None,
-                   help="the prototypes get no update for this many epochs (counted in iterations, so a fraction "
-                        "works): the paper's 1 of 200 epochs, the same 0.5%% of a shorter run")
+                   help="Sinkhorn's entropy regularisation; SwAV's authors advise 0.03 on collapse")
+    m.add_argument("--sinkhorn-iterations", type=int, default=3)
+    m.add_argument("--freeze-prototypes-epochs", type=float,
+                   help="the prototypes are not updated for this long: paper 1 of 200 epochs")
     m.add_argument("--queue-length", type=int, default=3840,
-                   help="embeddings per global crop over all processes, trimmed to a multiple of the global batch "
-                        "(3072 at 1024); 0 = no queue. Official SwAV uses one below a global batch of 256. If the "
-                        "loss rises when the queue starts, start it later or shorten it")
-    m.add_argument("--epoch-queue-starts", type=float, default=None,
-                   help="the queue is created after this many epochs (a fraction works) and used once full: the "
-                        "paper's 15 of 200 epochs, the same 7.5%% of a shorter run")
-    o = parser.add_argument_group("optimisation (the paper: LARS, constant weight decay, no clipping, no EMA)")
+                   help="per global crop, trimmed to a multiple of the global batch (3072 at 1024);"
+                        " 0: none. If the loss rises when it starts, start it later or shorten it")
+    m.add_argument("--epoch-queue-starts", type=float,
+                   help="the queue is made then, and used once full: paper 15 of 200 epochs")
+    o = parser.add_argument_group("optimisation (paper: LARS, constant weight decay, no clipping)")
     o.add_argument("--optimizer", default="lars", choices=["lars", "sgd"],
-                   help="the paper: lars. LARS's trust ratio (eta 0.001) moves weights slowly: a run of a few hundred "
-                        "steps learns with sgd (momentum 0.9) at a few tenths per 256 images")
-    o.add_argument("--lr", type=float, default=0.3, help="base lr per 256 images (peak = lr * global batch / 256: "
-                                                        "1.2 at 1024)")
+                   help="paper: lars; a run of a few hundred steps learns with sgd (momentum 0.9)")
+    o.add_argument("--lr", type=float, default=0.3, help="per 256 images: peak = lr x batch / 256")
     o.add_argument("--start-warmup", type=float, default=0.075,
-                   help="lr at iteration 0, absolute (not scaled). Below a global batch of 64 it is above the peak "
-                        "and the warm-up starts at the peak instead (a departure from the paper, logged)")
+                   help="lr at iteration 0 (absolute); capped at the peak (a global batch < 64)")
     o.add_argument("--min-lr", type=float, default=0.0048, help="end of the cosine (absolute)")
-    o.add_argument("--warmup-epochs", type=float, default=None,
-                   help="linear lr warm-up from --start-warmup: the paper's 10 of 200 epochs, 5%% of a shorter run")
+    o.add_argument("--warmup-epochs", type=float, help="from --start-warmup: paper 10 of 200")
     o.add_argument("--weight-decay", type=float, default=1e-6, help="constant")
     return parser
 
 
 def resolve_config(args, given, world_size, saved=None):
-    """The run's whole configuration, once: flags + the paper's warm-ups scaled to the run + the view
-    recipe. On a resume it is the checkpoint's, with the flags typed now checked against it."""
+    """The run's whole configuration, once; on a resume the checkpoint's, checked against flags."""
     if saved is not None:
         return resumed_config(saved, vars(args), given, world_size, THIS_RUN, RESUMABLE)
     config = dict(vars(args), world_size=world_size)
-    short = min(1.0, args.epochs / PAPER_EPOCHS)  # warm-ups keep the fraction of the run they have in the paper
+    short = min(1.0, args.epochs / PAPER_EPOCHS)
     for name, paper_epochs in PAPER_WARMUPS.items():
         if config[name] is None:
             config[name] = paper_epochs * short
-    recipe = views.recipe_from_flags("swav", args, backbones.is_vit(args.arch), backbones.PATCH_SIZE)
+    vit = backbones.is_vit(args.arch)
+    recipe = views.recipe_from_flags("swav", args, vit, backbones.PATCH_SIZE)
     config.update(views.resolved_view_flags(recipe))
-    for name in ("epochs", "batch_size", "hidden_dim", "feat_dim", "num_prototypes", "sinkhorn_iterations",
-                 "log_every", "eval_every"):
-        if config[name] < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {config[name]}")
-    for name in ("queue_length", "epoch_queue_starts", "freeze_prototypes_epochs", "warmup_epochs", "start_warmup",
-                 "min_lr", "weight_decay"):
-        if config[name] < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, not {config[name]}")
+    lowest = dict.fromkeys(["epochs", "batch_size", "hidden_dim", "feat_dim", "num_prototypes",
+                            "sinkhorn_iterations", "log_every", "eval_every"], 1)
+    lowest.update(dict.fromkeys(["queue_length", "epoch_queue_starts", "freeze_prototypes_epochs",
+                                 "warmup_epochs", "start_warmup", "min_lr", "weight_decay"], 0))
+    for name, low in lowest.items():
+        if config[name] < low:
+            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, not {config[name]}")
     if config["lr"] <= 0 or config["temperature"] <= 0 or config["epsilon"] <= 0:
         raise UserError("--lr, --temperature and --epsilon must be > 0")
-    global_batch = args.batch_size * world_size
-    if 0 < args.queue_length < global_batch:
-        raise UserError(f"--queue-length {args.queue_length} holds less than one global batch ({args.batch_size} x "
-                        f"{world_size} = {global_batch}): use 0 (no queue) or at least {global_batch}")
+    batch = args.batch_size * world_size
+    if 0 < args.queue_length < batch:
+        raise UserError(f"--queue-length {args.queue_length} holds less than one global batch "
+                        f"({args.batch_size} x {world_size} = {batch}): use 0 or at least {batch}")
     return types.SimpleNamespace(**config)
 
 
-# ----------------------------------------------------------------------------------------------
-# Model: backbone + projection head + prototypes
-# ----------------------------------------------------------------------------------------------
-
 class SwAVNet(nn.Module):
-    """backbone -> Linear(feat, 4096) -> BN -> ReLU -> Linear(4096, 128) -> L2-normalise -> prototypes
-    Linear(128, K, no bias) (SSLight's src/sslight/model/swav.py). forward returns (embeddings, scores), both
-    view-major: rows [v * B, (v + 1) * B) belong to view v. The submodule names are the checkpoint contract
-    with linear_eval.py ("backbone.*")."""
+    """backbone -> Linear(4096) -> BN -> ReLU -> Linear(128) -> L2-normalise -> prototypes (K, no
+    bias). forward -> (embeddings, scores), view-major: rows [v * B, (v + 1) * B) are view v."""
 
     def __init__(self, backbone, hidden_dim=4096, feat_dim=128, num_prototypes=3000):
         super().__init__()
-        self.backbone = backbone
-        self.projection = nn.Sequential(nn.Linear(backbone.feat_dim, hidden_dim), nn.BatchNorm1d(hidden_dim),
-                                        nn.ReLU(inplace=True), nn.Linear(hidden_dim, feat_dim))
+        self.backbone = backbone  # "backbone.*": what linear_eval.py loads
+        self.projection = nn.Sequential(nn.Linear(backbone.feat_dim, hidden_dim),
+                                        nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
+                                        nn.Linear(hidden_dim, feat_dim))
         self.prototypes = nn.Linear(feat_dim, num_prototypes, bias=False)
         # The paper re-initialises the whole module, backbone included; a ViT keeps its own init.
-        for m in (self.modules() if not getattr(backbone, "is_vit", False) else [*self.projection, self.prototypes]):
+        vit = getattr(backbone, "is_vit", False)
+        for m in [*self.projection, self.prototypes] if vit else self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):  # prototypes included: N(0, 0.01), bias 0
+            elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
     @torch.no_grad()
-    def normalize_prototypes(self):
-        """Every prototype back on the unit sphere, so that the scores are cosines (official SwAV main_swav.py)."""
+    def normalize_prototypes(self):  # on the unit sphere: the scores are cosines (official SwAV)
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def forward(self, crops):
-        # The backbone once per resolution group, the head once on everything (official SwAV's multi-res forward).
-        embeddings = F.normalize(self.projection(backbones.multicrop_features(self.backbone, crops)), dim=1)
-        # Scores in fp32 even under autocast: Sinkhorn divides them by epsilon = 0.05 and the loss by
-        # T = 0.1, so bf16 rounding (8 bits of mantissa) would move the codes. One small matmul.
+        # The backbone once per resolution, the head once on all crops (as official SwAV).
+        features = backbones.multicrop_features(self.backbone, crops)
+        embeddings = F.normalize(self.projection(features), dim=1)
+        # Scores in fp32 under autocast: Sinkhorn divides them by 0.05 and the loss by 0.1, so bf16
+        # rounding (8 bits of mantissa) would move the codes. One small matmul.
         with torch.autocast(embeddings.device.type, enabled=False):
             embeddings = embeddings.float()
             return embeddings, self.prototypes(embeddings)
@@ -178,36 +156,37 @@ def build_swav_net(arch, hidden_dim=4096, feat_dim=128, num_prototypes=3000):
     return SwAVNet(backbones.build_backbone(arch), hidden_dim, feat_dim, num_prototypes)
 
 
-# ----------------------------------------------------------------------------------------------
-# Codes: distributed Sinkhorn-Knopp, with an optional queue of past embeddings
-# ----------------------------------------------------------------------------------------------
-
 @torch.no_grad()
 def sinkhorn(scores, epsilon=0.05, iterations=3):
-    """(B_local, K) prototype scores -> (B_local, K) codes: each row (sample) sums to 1, each prototype gets
-    about B/K of the mass, B = B_local x processes (official SwAV main_swav.py distributed_sinkhorn).
-    Always float32: exp(1 / 0.05) = 4.9e8 overflows fp16. Each prototype's max score over all processes is
-    subtracted first: the first per-prototype normalisation cancels any per-prototype factor exactly, and no
-    prototype's mass can then overflow or be 0, even with a smaller epsilon."""
+    """(B_local, K) scores -> codes: each row sums to 1, each prototype gets ~B / K of the mass of
+    all B samples of all processes (official SwAV's distributed_sinkhorn). In fp32: exp(1 / 0.05)
+    overflows fp16. Each prototype's max over all processes is subtracted: the first normalisation
+    cancels it exactly, and no mass overflows or vanishes even at a smaller epsilon."""
+    distributed = dist.is_available() and dist.is_initialized()  # else one process: no reduces
     scores = scores.float()
-    shift = scores.max(dim=0).values  # (K,): per prototype, the same on every process
-    if is_distributed():
+    shift = scores.max(dim=0).values  # (K,)
+    if distributed:
         dist.all_reduce(shift, op=dist.ReduceOp.MAX)
     Q = torch.exp((scores - shift) / epsilon).t()  # K x B_local
-    K, B = Q.shape[0], Q.shape[1] * (dist.get_world_size() if is_distributed() else 1)
-    Q /= all_reduce_sum(Q.sum())
+    K, B = Q.shape[0], Q.shape[1] * (dist.get_world_size() if distributed else 1)
+    total = Q.sum()
+    if distributed:
+        dist.all_reduce(total)
+    Q /= total
     for _ in range(iterations):
-        Q /= all_reduce_sum(Q.sum(dim=1, keepdim=True))  # each prototype: total mass 1/K
+        per_prototype = Q.sum(dim=1, keepdim=True)
+        if distributed:
+            dist.all_reduce(per_prototype)
+        Q /= per_prototype  # each prototype: total mass 1 / K
         Q /= K
-        Q /= Q.sum(dim=0, keepdim=True)  # each sample: mass 1/B (samples are local, no reduce)
+        Q /= Q.sum(dim=0, keepdim=True)  # each sample: mass 1 / B (a sample is local: no reduce)
         Q /= B
     return (Q * B).t()
 
 
 class EmbeddingQueue(nn.Module):
-    """This process's FIFO of the last `rows` normalised embeddings of g1 and g2 (2 x rows x D). It lives
-    outside DDP: each process keeps its own, and Sinkhorn's all-reduces combine them. How full it is is
-    counted on the host, so checking it costs no device sync."""
+    """This process's FIFO of the last `rows` embeddings of g1 and g2 (2 x rows x D), outside DDP;
+    Sinkhorn's all-reduces combine the processes'. Its fill is counted on the host: no sync."""
 
     def __init__(self, rows, dim):
         super().__init__()
@@ -218,14 +197,12 @@ class EmbeddingQueue(nn.Module):
         return self.filled >= self.embeddings.shape[1]
 
     @torch.no_grad()
-    def restore(self, embeddings):
-        """A saved queue; its filled rows are the non-zero ones (a normalised embedding never is 0)."""
+    def restore(self, embeddings):  # filled rows are non-zero (an embedding has norm 1)
         self.embeddings.copy_(embeddings)
         self.filled = int(self.embeddings.any(dim=2).any(dim=0).sum())
 
     @torch.no_grad()
-    def push(self, new):
-        """new: (2, B, D). Shift everything B rows back; the newest go to the front."""
+    def push(self, new):  # (2, B, D) to the front, the rest B rows back
         batch = new.shape[1]
         self.embeddings[:, batch:] = self.embeddings[:, :-batch].clone()
         self.embeddings[:, :batch] = new
@@ -233,18 +210,16 @@ class EmbeddingQueue(nn.Module):
 
 
 def queue_rows(queue_length, batch_size, world_size):
-    """Queue rows per process: --queue-length trimmed to a multiple of the global batch, split over the
-    processes (3840 -> 3072 at 1024 -> 384 per GPU, as SSLight's swav_trainer.py). 0 = no queue."""
+    """Trimmed to a multiple of the global batch, split over the processes: 3840 -> 3072 at 1024
+    -> 384 per GPU (SSLight's swav_trainer.py)."""
     global_batch = batch_size * world_size
     return (queue_length - queue_length % global_batch) // world_size
 
 
 @torch.no_grad()
 def assign_codes(scores, embeddings, prototypes, queue, batch, epsilon=0.05, iterations=3):
-    """Codes of the 2 global crops (SwAV's crops_for_assign = [0, 1]). Once the queue is full, its scores
-    (against the current prototypes) are stacked in front of the batch so that Sinkhorn's equipartition is
-    over more samples than a small batch; only the last `batch` rows are kept. Then this step's g1 / g2
-    embeddings are pushed."""
+    """The 2 global crops' codes. A full queue's scores go in front of the batch's, so that Sinkhorn
+    spreads more samples than a small batch; then this step's embeddings join the queue."""
     use_queue = queue is not None and queue.full()
     codes = []
     for i in range(2):
@@ -258,13 +233,11 @@ def assign_codes(scores, embeddings, prototypes, queue, batch, epsilon=0.05, ite
 
 
 def swapped_prediction_loss(scores, codes, local_crops, alpha, beta, temperature=0.1):
-    """alpha * mean(global-global CE) + beta * mean(global-local CE)   (the paper's re-balanced loss, Sec. 3.3.4)
-
-    ce[a, v] = mean over the batch of -sum_k q_a log softmax(scores_v / T): the code of global crop a
-    predicted from crop v. gg: (0 <- 1), (1 <- 0); gl: each code from each local.
-    With alpha = 1/(1+n_local) this is official SwAV's sum over all (a, v != a) / (2 * (n_crops - 1))."""
+    """alpha * mean(global-global CE) + beta * mean(global-local CE) (the paper's Sec. 3.3.4), the
+    CE of crop v predicting global crop a's code q_a being -sum_k q_a log softmax(s_v / T). With
+    alpha = 1 / (1 + n_local) this is official SwAV's mean over all pairs (a, v != a)."""
     logp = F.log_softmax(scores.float() / temperature, dim=1).unflatten(0, (2 + local_crops, -1))
-    # Elementwise in fp32 (a matmul would run in TF32 on CUDA): (2, n_crops) matrix of mean CEs.
+    # Elementwise in fp32 (a matmul would run in TF32 on CUDA): (2, n_crops) batch-mean CEs.
     ce = torch.stack([-(code * logp).sum(-1).mean(-1) for code in codes])
     global_global = (ce[0, 1] + ce[1, 0]) / 2
     if local_crops == 0:
@@ -274,9 +247,8 @@ def swapped_prediction_loss(scores, codes, local_crops, alpha, beta, temperature
 
 @torch.no_grad()
 def collapse_signals(embeddings, scores, codes, batch):
-    """-> (per-dimension std of the L2-normalised embeddings: ~1/sqrt(D) when spread, ~0 when every image
-    gives the same; mean entropy of the codes: ~ln K when every image gets the same flat code; the top
-    prototype of each global crop, to count the prototypes in use). From tensors of the step, no sync."""
+    """-> (embedding std per dimension: ~1/sqrt(D) spread, ~0 collapsed; mean code entropy: ~ln K
+    when flat; each global crop's top prototype), without a host sync."""
     code = torch.cat(codes)
     code_entropy = -(code * code.clamp_min(1e-12).log()).sum(1).mean()
     return embeddings.float().std(0).mean(), code_entropy, scores[:2 * batch].argmax(1)
@@ -328,10 +300,6 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
-
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -340,114 +308,119 @@ def main(argv=None):
     output_dir = args.output_dir or os.path.join("runs", f"swav-{args.arch}")
     checkpoint_path = os.path.join(output_dir, "checkpoint.pth")
     checkpoint = load_checkpoint(checkpoint_path)
-    config = resolve_config(args, given_flags(parser, argv), world_size, checkpoint and checkpoint["config"])
+    saved = checkpoint and checkpoint["config"]
+    config = resolve_config(args, given_flags(parser, argv), world_size, saved)
     if config.export:
         check_export_path(config.export)
     config.amp, amp_note = resolve_amp(config.amp, device)
     config.workers = loader_workers(config.workers)
-    amp = config.amp
     done = checkpoint["epoch"] if checkpoint else 0
-    if checkpoint and config.epochs < done:
-        raise UserError(f"{checkpoint_path} has {done} finished epochs; --epochs {config.epochs} cannot shorten it")
-    if checkpoint and done == config.epochs:
-        log(f"this run is finished: {done} epochs; checkpoint {checkpoint_path}, log {output_dir}/log.jsonl")
+    if config.epochs < done:
+        raise UserError(f"{checkpoint_path} has {done} finished epochs; --epochs {config.epochs} "
+                        "cannot shorten it")
+    if done == config.epochs:
+        log(f"this run is finished: {done} epochs; checkpoint {checkpoint_path}, log "
+            f"{output_dir}/log.jsonl")
         if config.export and rank == 0:
             backbones.export_backbone(checkpoint["model"], config.export, config.arch)
         return dict(checkpoint=checkpoint)
-    if checkpoint and config.epochs != checkpoint["config"]["epochs"]:
-        log(f"extending the run from {checkpoint['config']['epochs']} to {config.epochs} epochs: "
-            f"the lr schedule is recomputed for {config.epochs}")
+    if saved and config.epochs != saved["epochs"]:
+        log(f"extending the run from {saved['epochs']} to {config.epochs} epochs: the lr schedule "
+            f"is recomputed for {config.epochs}")
+    recipe = views.recipe_from_flags("swav", config, backbones.is_vit(config.arch),
+                                     backbones.PATCH_SIZE)
     alpha, beta = config.loss_weights
     global_batch = config.batch_size * world_size
     rows = queue_rows(config.queue_length, config.batch_size, world_size)
-    log(f"SwAV {config.arch} | {world_size} process(es) on {device}, amp {amp} {amp_note}| views: global "
-        f"{config.global_size}px {config.global_scale}, {config.local_crops} local {config.local_size}px "
-        f"{config.local_scale}, loss weights gg {alpha:.3f} gl {beta:.3f} | queue {rows * world_size} of "
-        f"--queue-length {config.queue_length} (a multiple of the global batch {global_batch})")
+    log(f"SwAV {config.arch} | {world_size} process(es) on {device}, amp {config.amp} {amp_note}| "
+        f"views: global {config.global_size}px {config.global_scale}, {config.local_crops} local "
+        f"{config.local_size}px {config.local_scale}, loss weights gg {alpha:.3f} gl {beta:.3f} | "
+        f"queue {rows * world_size} of --queue-length {config.queue_length}")
     log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(config).items())))
     peak_lr = config.lr * global_batch / 256
-    start_warmup = min(config.start_warmup, peak_lr)  # below a global batch of 64 it would "warm up" downwards
+    start_warmup = min(config.start_warmup, peak_lr)  # never a warm-up downwards
     if start_warmup < config.start_warmup:
-        log(f"note: --start-warmup {config.start_warmup} is above the peak lr {peak_lr:.4g} of a global batch of "
-            f"{global_batch}: the warm-up starts at the peak (the paper's batch of 1024 never needs this)")
+        log(f"note: --start-warmup {config.start_warmup} is above the peak lr {peak_lr:.4g} of a "
+            f"global batch of {global_batch}: the warm-up starts at the peak")
 
-    # ============ data (every path and size is checked before the first step) ============
-    recipe = views.recipe_from_flags("swav", config, backbones.is_vit(config.arch), backbones.PATCH_SIZE)
     if rank != 0:
         barrier()  # rank 0 downloads a named data set first
     transform, collate, view_sampler = views.view_pipeline(recipe, config.views_on)
     dataset = views.build_dataset(config.data, transform, download=rank == 0)
-    eval_transform = views.eval_transform(config.global_size)
-    eval_sets = config.eval_data and views.build_eval_datasets(config.eval_data, eval_transform, download=rank == 0)
+    eval_sets = config.eval_data and views.build_eval_datasets(
+        config.eval_data, views.eval_transform(config.global_size), download=rank == 0)
     if rank == 0:
         barrier()
-    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=config.seed,
-                                                  drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, config.batch_size, sampler=sampler, num_workers=config.workers,
-                                         collate_fn=collate,
-                                         pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=config.workers > 0,
-                                         prefetch_factor=2 if config.workers > 0 else None)
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True,
+                                                  seed=config.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, config.batch_size, sampler=sampler, num_workers=config.workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=config.workers > 0,
+        prefetch_factor=2 if config.workers > 0 else None)
     iters_per_epoch = len(loader)
     if iters_per_epoch == 0:
-        raise UserError(f"{len(dataset)} images give {len(sampler)} per process, fewer than --batch-size "
-                        f"{config.batch_size}")
+        raise UserError(f"{len(dataset)} images give {len(sampler)} per process, fewer than "
+                        f"--batch-size {config.batch_size}")
     if checkpoint and checkpoint["num_images"] != len(dataset):
-        raise UserError(f"--data {config.data} now has {len(dataset)} images, the run was trained on "
-                        f"{checkpoint['num_images']}: use the same data or another --output-dir")
-    log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {config.batch_size} x {world_size}")
-    if rank == 0:  # every check has passed: the run folder is made (and locked) only now
+        raise UserError(f"--data {config.data} now has {len(dataset)} images, the run was trained "
+                        f"on {checkpoint['num_images']}: use the same data or another --output-dir")
+    log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {config.batch_size} x "
+        f"{world_size}")
+    if rank == 0:  # every check has passed: only now is the run folder made
         lock_output_dir(output_dir)
 
-    # ============ model; the queue lives outside DDP, one per process ============
     memory_format = backbones.memory_format(config.arch, device)
     model = build_swav_net(config.arch, config.hidden_dim, config.feat_dim, config.num_prototypes)
-    model = backbones.sync_batchnorm(model, device, world_size).to(device, memory_format=memory_format)
-    model_ddp = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model  # broadcasts rank 0's
-    model_fwd = torch.compile(model_ddp) if config.compile else model_ddp  # `model` keeps the state dict
-    queue = None  # created after --epoch-queue-starts epochs
-
-    # ============ optimizer and schedule (one value per iteration) ============
+    model = backbones.sync_batchnorm(model, device, world_size)
+    model = model.to(device, memory_format=memory_format)
+    model_ddp = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    model_fwd = torch.compile(model_ddp) if config.compile else model_ddp  # `model`: the weights
+    queue = None  # made after --epoch-queue-starts epochs, one per process, outside DDP
     groups = param_groups([model])
-    optimizer = LARS(groups) if config.optimizer == "lars" else torch.optim.SGD(groups, lr=0.0, momentum=0.9)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    lr_schedule = cosine_schedule(peak_lr, config.min_lr, config.epochs, iters_per_epoch, config.warmup_epochs,
-                                  start_warmup=start_warmup)
-    # Both counted in iterations, so that a fraction of an epoch (a short run's share of the paper's) works.
+    optimizer = (LARS(groups) if config.optimizer == "lars"
+                 else torch.optim.SGD(groups, lr=0.0, momentum=0.9))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
+    lr_schedule = cosine_schedule(peak_lr, config.min_lr, config.epochs, iters_per_epoch,
+                                  config.warmup_epochs, start_warmup=start_warmup)
+    # In iterations, so that a fraction of an epoch (a short run's share of the paper's) works.
     freeze_iters = int(config.freeze_prototypes_epochs * iters_per_epoch)
     queue_start = int(config.epoch_queue_starts * iters_per_epoch)
-    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
-    knn = lambda: knn_monitor(model.backbone, *eval_sets, 256, config.workers, device, rank, world_size, autocast)
-
-    # ============ resume, or the untrained network's kNN as epoch 0 ============
+    half = torch.float16 if config.amp == "fp16" else torch.bfloat16
+    autocast = torch.autocast(device.type, half, enabled=config.amp != "off")
+    knn = lambda: knn_monitor(model.backbone, *eval_sets, 256, config.workers, device, rank,
+                              world_size, autocast)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"]:  # empty unless saved under fp16 (switching --amp is allowed)
+        if checkpoint["scaler"]:  # empty unless saved under fp16
             scaler.load_state_dict(checkpoint["scaler"])
-        if checkpoint["queue"] is not None:  # (processes, 2, rows, D): each process continues its own
+        if checkpoint["queue"] is not None:  # (processes, 2, rows, D): each resumes its own
             queue = EmbeddingQueue(rows, config.feat_dim).to(device)
             queue.restore(checkpoint["queue"][rank])
         history = checkpoint["history"]
         log(f"resumed from {checkpoint_path} after epoch {done} of {config.epochs}")
-    else:
+    else:  # the untrained network's kNN, as epoch 0
         history = [dict(epoch=0, **knn())] if eval_sets else []
         if history:
             log(f"epoch 0 (untrained): kNN top-1 {history[0]['knn_top1']:.2f} %")
     if rank == 0:
         with open(os.path.join(output_dir, "args.json"), "w") as f:
-            json.dump(vars(config), f, indent=2)  # written only once the settings have passed the checks
+            json.dump(vars(config), f, indent=2)
 
+    # One step: the prototypes back on the unit sphere (scores are cosines), one forward of every
+    # crop; the 2 global crops' codes from those scores, without gradient (Sinkhorn over the queue
+    # too, once it is full), and only then do their embeddings join the queue, so that no sample
+    # is counted twice; the swapped-prediction loss and its backward; the prototypes' gradient
+    # dropped while they are frozen; the optimizer step. The loss and the collapse signals are
+    # summed on the device and read by the host (one sync) every --log-every steps.
     for epoch in range(done, config.epochs):
-        # ============ one epoch of SwAV ============
         sampler.set_epoch(epoch)
         model.train()
         sums = torch.zeros(3, device=device)  # loss, embedding std, code entropy
-        top_prototypes = torch.zeros(config.num_prototypes, device=device)  # 1 = the top score of some crop
+        top_prototypes = torch.zeros(config.num_prototypes, device=device)  # 1: some crop's top
         start = time.time()
-        # the copy of the next batch runs beside this step on CUDA
-        bar = tqdm(views.Prefetcher(loader, device), desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0,
-                   dynamic_ncols=True)
+        bar = tqdm(views.Prefetcher(loader, device), desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=rank != 0, dynamic_ncols=True)
         for i, batch in enumerate(bar):
             it = epoch * iters_per_epoch + i  # global iteration: index into the schedule
             for group in optimizer.param_groups:
@@ -455,67 +428,70 @@ def main(argv=None):
                 group["weight_decay"] = config.weight_decay * group["wd_factor"]
             if queue is None and rows > 0 and it >= queue_start:
                 queue = EmbeddingQueue(rows, config.feat_dim).to(device)
-                log(f"queue started at epoch {epoch + 1}, step {i + 1}: {rows} x {world_size} embeddings per "
-                    "global crop, used once full")
-            crops = views.batch_to_crops(batch, device, memory_format, view_sampler)  # uint8 -> float there
-            model.normalize_prototypes()  # before every forward (official SwAV main_swav.py)
-
+                log(f"queue started at epoch {epoch + 1}, step {i + 1}: {rows} x {world_size} "
+                    "embeddings per global crop, used once full")
+            crops = views.batch_to_crops(batch, device, memory_format, view_sampler)
+            model.normalize_prototypes()
             with autocast:
                 embeddings, scores = model_fwd(crops)
-            # Codes and loss in float32 outside autocast: Sinkhorn's exp(score / epsilon) overflows half precision.
-            codes = assign_codes(scores.detach(), embeddings.detach(), model.prototypes.weight, queue,
-                                 config.batch_size, config.epsilon, config.sinkhorn_iterations)
-            loss = swapped_prediction_loss(scores, codes, config.local_crops, alpha, beta, config.temperature)
-
+            # Codes and loss in fp32, outside autocast: exp(score / epsilon) overflows fp16.
+            codes = assign_codes(scores.detach(), embeddings.detach(), model.prototypes.weight,
+                                 queue, config.batch_size, config.epsilon,
+                                 config.sinkhorn_iterations)
+            loss = swapped_prediction_loss(scores, codes, config.local_crops, alpha, beta,
+                                           config.temperature)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if it < freeze_iters:
-                # None, not zero: LARS then skips them (no weight decay, no momentum). Prototypes that move
-                # while the codes are still random are a known cause of collapse (official SwAV).
+                # None, not 0: LARS skips it (no decay, no momentum). Prototypes that move while the
+                # codes are still random are a known cause of collapse (official SwAV).
                 model.prototypes.weight.grad = None
             scaler.step(optimizer)
             scaler.update()
-
-            embedding_std, code_entropy, top = collapse_signals(embeddings.detach(), scores.detach(), codes,
-                                                                config.batch_size)
-            sums += torch.stack([loss.detach(), embedding_std, code_entropy])
+            std, entropy, top = collapse_signals(embeddings.detach(), scores.detach(), codes,
+                                                 config.batch_size)
+            sums += torch.stack([loss.detach(), std, entropy])
             top_prototypes.index_fill_(0, top, 1.0)
-            del embeddings, scores, codes, loss, top  # free them before the next forward's peak
+            del embeddings, scores, codes, loss, top  # freed before the next forward's peak
             if (i + 1) % config.log_every == 0 or i + 1 == iters_per_epoch:  # the one host sync
                 means = (all_reduce_sum(sums.clone()) / ((i + 1) * world_size)).tolist()
                 if not math.isfinite(means[0]):
-                    kept = f"{checkpoint_path} (epoch {epoch}) is kept" if epoch else "no checkpoint yet"
-                    raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; {kept}. "
-                                     + ("Try a lower --lr" if amp == "off" else "Try --amp off or a lower --lr"))
+                    kept = (f"{checkpoint_path} (epoch {epoch}) is kept" if epoch
+                            else "no checkpoint yet")
+                    hint = "a lower --lr" if config.amp == "off" else "--amp off or a lower --lr"
+                    raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; "
+                                     f"{kept}. Try {hint}")
                 bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr_schedule[it]:.2e}",
                                 img_s=round((i + 1) * global_batch / (time.time() - start), 1))
 
-        # ============ end of epoch: record, monitor, checkpoint ============
         used = int(all_reduce_sum(top_prototypes).count_nonzero())
         ln_k, healthy_std = math.log(config.num_prototypes), 1 / math.sqrt(config.feat_dim)
-        record = dict(epoch=epoch + 1, loss=means[0], embedding_std=means[1], code_entropy=means[2], ln_k=ln_k,
-                      prototypes_used=used, lr=lr_schedule[it], wd=config.weight_decay,
+        record = dict(epoch=epoch + 1, loss=means[0], embedding_std=means[1], code_entropy=means[2],
+                      ln_k=ln_k, prototypes_used=used, lr=lr_schedule[it], wd=config.weight_decay,
                       queue_full=queue is not None and queue.full(),
                       img_per_s=round(iters_per_epoch * global_batch / (time.time() - start), 1))
         if eval_sets and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             record.update(knn())
         history.append(record)
         untrained = f" (untrained {history[0]['knn_top1']:.2f})" if history[0]["epoch"] == 0 else ""
-        log(f"epoch {epoch + 1}/{config.epochs}: loss {means[0]:.4f} (ln K {ln_k:.3f}), embedding std {means[1]:.4f} "
-            f"(~{healthy_std:.3f} healthy), {used} of {config.num_prototypes} prototypes used"
-            + (f", kNN top-1 {record['knn_top1']:.2f} %{untrained}" if "knn_top1" in record else ""))
+        knn_note = (f", kNN top-1 {record['knn_top1']:.2f} %{untrained}" if "knn_top1" in record
+                    else "")
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {means[0]:.4f} (ln K {ln_k:.3f}), embedding "
+            f"std {means[1]:.4f} (~{healthy_std:.3f} healthy), {used} of {config.num_prototypes} "
+            f"prototypes used{knn_note}")
         if means[1] < 0.1 * healthy_std or means[2] > 0.99 * ln_k:
-            log(f"collapse: every image gets the same embedding (std {means[1]:.2e}) or a flat code (entropy "
-                f"{means[2]:.3f} of ln K {ln_k:.3f}), {used} of {config.num_prototypes} prototypes used. Usually "
-                "fixed by --epsilon 0.03, a longer --freeze-prototypes-epochs, a lower --lr, or softer augmentation "
-                "(a larger minimum of --global-scale / --local-scale)")
-        # Every process's queue differs: all gather them (a collective) and rank 0 writes them into the one
-        # checkpoint; process r resumes from [r].
+            log(f"collapse: every image gets the same embedding (std {means[1]:.2e}) or a flat "
+                f"code (entropy {means[2]:.3f} of ln K {ln_k:.3f}), {used} of "
+                f"{config.num_prototypes} prototypes used. Usually fixed by --epsilon 0.03, a "
+                "longer --freeze-prototypes-epochs, a lower --lr, or softer augmentation (a larger "
+                "minimum of --global-scale / --local-scale)")
+        # The processes' queues differ: all gathered (a collective) into rank 0's one checkpoint.
         queues = None if queue is None else all_gather_cat(queue.embeddings[None]).cpu()
         if rank == 0:
-            save_checkpoint(dict(method="swav", config=vars(config), epoch=epoch + 1, num_images=len(dataset),
-                                 history=history, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                 scaler=scaler.state_dict(), queue=queues), checkpoint_path)
+            save_checkpoint(dict(method="swav", config=vars(config), epoch=epoch + 1,
+                                 num_images=len(dataset), history=history, model=model.state_dict(),
+                                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                                 queue=queues), checkpoint_path)
             write_log(os.path.join(output_dir, "log.jsonl"), history)
 
     if config.export and rank == 0:
