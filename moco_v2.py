@@ -1,16 +1,11 @@
 """MoCo-v2 pre-training with the paper's view sampling (SSLight, Tan, Saleh, Martinez, ICLR 2023).
 
-    python moco_v2.py                                           # the CPU demo on the built-in synthetic set
-    python moco_v2.py --arch mobilenet_v2 --data /path/imagenet/train
+    python moco_v2.py                                  # the CPU demo on the built-in synthetic set
     torchrun --nproc_per_node=8 moco_v2.py --arch mobilenet_v2 --data /path/imagenet/train
-    python moco_v2.py --recipe classic --data /path/imagenet/train     # the original 2-view MoCo-v2
 
-A query encoder (backbone + MLP head) learns to pick, out of 1 + K candidates, the key of its own image:
-the key is the momentum (EMA) encoder's embedding of another view, the K negatives a queue of keys from
-past batches. The paper's MoCo (SSLight's src/sslight/model/moco.py) has multi-crop queries [g2, l1..ln]
-against ONE key (g1), LARS and the loss weights alpha / beta; `--recipe classic` is MoCo-v2 as published
-(official MoCo main_moco.py: 2 views, SGD lr 0.03, wd 1e-4 on every parameter, per-epoch cosine).
-Every default below is the paper's (SSLight's exp_yamls/moco) unless noted.
+Queries [g2, l1..ln] learn to pick their image's key (the momentum encoder's embedding of g1) out
+of K negatives, a queue of past keys (SSLight's model/moco.py); defaults are the paper's
+(exp_yamls/moco). `--recipe classic`: MoCo-v2 as published (official main_moco.py: 2 views, SGD).
 Output: <output-dir>/{args.json, log.jsonl, checkpoint.pth}; a rerun resumes.
 """
 import argparse
@@ -32,185 +27,155 @@ import backbones
 import views
 from views import UserError
 
-# Unset flags take these. multicrop: --recipe light | baseline (SSLight's moco_cnn_*.yaml);
-# classic: MoCo-v2 as published (official MoCo main_moco.py with --mlp --moco-t 0.2 --aug-plus --cos).
+# Unset flags take these: multicrop, --recipe light | baseline (SSLight's moco_cnn_*.yaml); classic,
+# MoCo-v2 as published (official main_moco.py --mlp --moco-t 0.2 --aug-plus --cos).
 PAPER_DEFAULTS = {
     "multicrop": dict(optimizer="lars", lr=0.48, min_lr=0.0048, warmup_epochs=10, weight_decay=1e-6,
                       decay_all_params=0, lr_schedule="iter", hidden_dim=2048),
     "classic": dict(optimizer="sgd", lr=0.03, min_lr=0.0, warmup_epochs=0, weight_decay=1e-4,
-                    decay_all_params=1, lr_schedule="epoch", hidden_dim=0),  # 0: the backbone's feature size
+                    decay_all_params=1, lr_schedule="epoch", hidden_dim=0),
 }
 PAPER_EPOCHS = 200
 # Settings of this machine and command, never taken from a checkpoint.
 THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export", "compile"}
-# Settings a resumed run may change when typed again; every other one is compared with the checkpoint's.
-RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}  # a moved --data: its size is checked
+# A resumed run may change these when typed again (a moved --data: its size is checked).
+RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser("MoCo-v2 pre-training (SSLight recipes)",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r = parser.add_argument_group("run")
-    r.add_argument("--arch", default="mobilenet_v2", choices=backbones.ARCHS, help="the paper ran MoCo on mobilenet_v2")
+    r.add_argument("--arch", default="mobilenet_v2", choices=backbones.ARCHS, help="the paper's")
     r.add_argument("--data", default="synthetic", help=views.DATA_HELP)
-    r.add_argument("--output-dir", default=None, help="default runs/moco-<arch>; a rerun resumes from its checkpoint")
-    r.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help="paper 200. More on a finished run extends it")
-    r.add_argument("--batch-size", type=int, default=128, help="per process; paper 128 x 8 GPUs = 1024")
-    r.add_argument("--workers", type=int, default=None,
-                   help="loader processes per process; default: the node's cores / processes per node, at most 8")
+    r.add_argument("--output-dir", help="default runs/moco-<arch>; a rerun resumes its checkpoint")
+    r.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help="paper 200; more extends a run")
+    r.add_argument("--batch-size", type=int, default=128, help="per process; paper 128 x 8 GPUs")
+    r.add_argument("--workers", type=int, help="per process; default: cores / processes, <= 8")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="autocast: auto = bf16 on GPUs of compute capability >= 8.0, fp16 (+ GradScaler) below, "
-                        "off on the CPU; the paper trained in fp32. The logits and the loss stay fp32")
-    r.add_argument("--compile", action="store_true",
-                   help="torch.compile the query and the key encoders (off until measured on a GPU)")
-    r.add_argument("--log-every", type=int, default=20, help="steps between progress updates (each is one host sync)")
-    r.add_argument("--export", default=None, metavar="PATH",
-                   help="write the query backbone's state_dict (MoCo's encoder_q; torchvision's format for CNNs) "
-                        "to PATH at the end; on a finished run only --output-dir is needed")
-    r.add_argument("--eval-data", default=None, help="kNN monitor (k 20, T 0.07): a root with train/ and val/ "
-                                                     "image folders, cifar10, or synthetic; epoch 0 = untrained")
-    r.add_argument("--eval-every", type=int, default=1, help="epochs between kNN evaluations (and the last one)")
+                   help="auto: bf16 on GPUs >= sm80, fp16 below, off on the CPU; paper fp32")
+    r.add_argument("--compile", action="store_true", help="torch.compile the encoders")
+    r.add_argument("--log-every", type=int, default=20, help="steps between updates (a host sync)")
+    r.add_argument("--export", metavar="PATH", help="write the query backbone's weights to PATH")
+    r.add_argument("--eval-data", help="kNN monitor (k 20, T 0.07): ROOT with train/ and val/, "
+                   "cifar10 or synthetic")
+    r.add_argument("--eval-every", type=int, default=1, help="epochs between kNN evaluations")
     views.add_view_args(parser)
-    m = parser.add_argument_group("MoCo (None = the recipe's value; --recipe classic = 2-view MoCo-v2 as published)")
+    m = parser.add_argument_group("MoCo (None = the recipe's value)")
     m.add_argument("--dim", type=int, default=128, help="embedding size")
-    m.add_argument("--hidden-dim", type=int, default=None,
-                   help="head hidden width: multi-crop 2048; classic 0 = the backbone's feature size (MoCo-v2's mlp)")
-    m.add_argument("--queue-size", type=int, default=65536,
-                   help="negatives K, >= the global batch (the queue wraps). Keys older than a few epochs are stale: "
-                        "on small data sets use 4096-16384 (official MoCo's CIFAR demo uses 4096)")
-    m.add_argument("--temperature", type=float, default=0.2, help="T: MoCo-v2 0.2 (v1 0.07)")
-    m.add_argument("--momentum", type=float, default=0.999,
-                   help="constant key-encoder EMA momentum; 0.99 for short runs or small data sets")
-    m.add_argument("--bn-splits", type=int, default=8,
-                   help="one process: the key encoder's BN statistics over this many shuffled sub-batches (official "
-                        "MoCo's CIFAR demo), clamped to divide the batch with >= 2 images each; aim for >= 32 each")
+    m.add_argument("--hidden-dim", type=int, help="paper 2048, classic 0 = the backbone's")
+    m.add_argument("--queue-size", type=int, default=65536, help="K; 4096-16384 on small data sets")
+    m.add_argument("--temperature", type=float, default=0.2, help="MoCo-v2 0.2 (v1 0.07)")
+    m.add_argument("--momentum", type=float, default=0.999, help="key EMA; 0.99 for short runs")
+    m.add_argument("--bn-splits", type=int, default=8, help="one process: key BN on sub-batches")
     m.add_argument("--key-sync-bn", type=int, choices=[0, 1], default=1,
-                   help="torchrun on CUDA: 1 (paper) = SyncBN in the key encoder too, keys normalised with global "
-                        "batch statistics (no shuffle needed); 0 = official MoCo: per-GPU BN on a batch shuffled "
-                        "across GPUs")
+                   help="CUDA torchrun: 1 (paper) SyncBN keys; 0 official MoCo's shuffle-BN")
     o = parser.add_argument_group("optimisation (None = the recipe's value)")
-    o.add_argument("--optimizer", default=None, choices=["lars", "sgd", "adamw"], help="multi-crop lars, classic sgd")
-    o.add_argument("--lr", type=float, default=None,
-                   help="base lr per 256 images (peak = lr * global batch / 256): multi-crop 0.48 (1.92 at 1024), "
-                        "classic 0.03")
-    o.add_argument("--min-lr", type=float, default=None, help="cosine end (unscaled): multi-crop 0.0048, classic 0")
-    o.add_argument("--warmup-epochs", type=float, default=None,
-                   help="linear lr warm-up from 0: multi-crop the paper's 10 of 200 epochs (5%% of a shorter run), "
-                        "classic 0")
-    o.add_argument("--lr-schedule", default=None, choices=["iter", "epoch"],
-                   help="the cosine updated every iteration (multi-crop) or once per epoch (classic)")
-    o.add_argument("--weight-decay", type=float, default=None, help="constant: multi-crop 1e-6, classic 1e-4")
-    o.add_argument("--decay-all-params", type=int, choices=[0, 1], default=None,
-                   help="1: one group, decay on BN and biases too (classic); 0: SSLight's 3 groups (multi-crop)")
+    o.add_argument("--optimizer", choices=["lars", "sgd", "adamw"], help="paper lars, classic sgd")
+    o.add_argument("--lr", type=float, help="per 256 images: paper 0.48, classic 0.03")
+    o.add_argument("--min-lr", type=float, help="cosine end: paper 0.0048, classic 0")
+    o.add_argument("--warmup-epochs", type=float,
+                   help="from lr 0: paper 10 of 200 epochs (5%% of a shorter run), classic 0")
+    o.add_argument("--lr-schedule", choices=["iter", "epoch"], help="paper iter, classic epoch")
+    o.add_argument("--weight-decay", type=float, help="paper 1e-6, classic 1e-4")
+    o.add_argument("--decay-all-params", type=int, choices=[0, 1],
+                   help="1 (classic): BN and biases decay too; 0: SSLight's 3 groups")
     return parser
 
 
 def resolve_config(args, given, world_size, saved=None):
-    """The run's whole configuration, once: flags + the recipe's defaults + the view recipe.
-    On a resume it is the checkpoint's, with the flags typed now checked against it."""
+    """Flags + the recipe's defaults + the view recipe, once; a resume's: the checkpoint's."""
     if saved is not None:
         return resumed_config(saved, vars(args), given, world_size, THIS_RUN, RESUMABLE)
-    recipe = views.recipe_from_flags("moco", args, backbones.is_vit(args.arch), backbones.PATCH_SIZE)
+    is_vit = backbones.is_vit(args.arch)
+    recipe = views.recipe_from_flags("moco", args, is_vit, backbones.PATCH_SIZE)
     config = dict(vars(args), world_size=world_size)
-    for key, value in PAPER_DEFAULTS["classic" if args.recipe == "classic" else "multicrop"].items():
-        if config[key] is None:
-            config[key] = value
+    defaults = PAPER_DEFAULTS["classic" if args.recipe == "classic" else "multicrop"]
+    config.update({key: value for key, value in defaults.items() if config[key] is None})
     if args.warmup_epochs is None:  # the warm-up keeps the fraction of the run it has in the paper
         config["warmup_epochs"] *= min(1.0, args.epochs / PAPER_EPOCHS)
     config.update(views.resolved_view_flags(recipe))
-    for name in ("epochs", "batch_size", "dim", "queue_size", "bn_splits", "log_every", "eval_every"):
+    positive = ("epochs", "batch_size", "dim", "queue_size", "bn_splits", "log_every", "eval_every")
+    for name in positive:
         if config[name] < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {config[name]}")
     if config["lr"] <= 0 or config["temperature"] <= 0 or config["hidden_dim"] < 0:
         raise UserError("--lr and --temperature must be > 0, --hidden-dim >= 0")
     if not 0 <= config["momentum"] <= 1 or not 0 <= config["warmup_epochs"] <= config["epochs"]:
         raise UserError("--momentum must be in [0, 1] and --warmup-epochs in [0, --epochs]")
-    if config["queue_size"] < config["batch_size"] * world_size:  # one step's keys must fit in the queue
+    if config["queue_size"] < config["batch_size"] * world_size:  # a step's keys must fit
         raise UserError(f"--queue-size {config['queue_size']} is smaller than the global batch "
                         f"{config['batch_size'] * world_size} (--batch-size x processes)")
     return types.SimpleNamespace(**config)
 
 
-# ----------------------------------------------------------------------------------------------
-# Model: backbone + MoCo projection head, and the queue of negatives
-# ----------------------------------------------------------------------------------------------
+# ---- Model: backbone + MoCo head, and the queue of negatives ----
 
 class MoCoHead(nn.Module):
-    """Linear(in -> hidden) -> ReLU -> Linear(hidden -> dim), no BN, L2-normalised (SSLight's MOCOHead).
-    The paper initialises it trunc-normal(0.02); MoCo-v2 keeps PyTorch's default Linear init."""
+    """Linear -> ReLU -> Linear, no BN, L2-normalised (SSLight's MOCOHead)."""
 
     def __init__(self, in_dim, hidden_dim, out_dim, trunc_normal_init=True):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
-        for layer in self.mlp:
-            if trunc_normal_init and isinstance(layer, nn.Linear):
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden_dim, out_dim))
+        if trunc_normal_init:  # the paper's; MoCo-v2 keeps PyTorch's default init
+            for layer in (self.mlp[0], self.mlp[2]):
                 nn.init.trunc_normal_(layer.weight, std=0.02)
                 nn.init.zeros_(layer.bias)
 
     def forward(self, x):
-        return F.normalize(self.mlp(x).float(), dim=-1)  # normalised in fp32: the logits are divided by T = 0.2
+        return F.normalize(self.mlp(x).float(), dim=-1)  # in fp32: the logits are divided by T
 
 
 class MoCoNet(nn.Module):
-    """Submodules `backbone` and `head`: linear_eval.py reads checkpoint["query_encoder"]["backbone.*"]."""
+    """`backbone` + `head`: linear_eval.py reads checkpoint["query_encoder"]["backbone.*"]."""
 
     def __init__(self, backbone, head):
         super().__init__()
         self.backbone, self.head = backbone, head
 
-    def forward(self, crops):
-        # The backbone once per resolution group (g2 alone, then the locals), the head once (SSLight's MoCo).
+    def forward(self, crops):  # the backbone once per resolution group, the head once (SSLight)
         return self.head(backbones.multicrop_features(self.backbone, crops))
 
 
 def build_moco_net(arch, dim, hidden_dim, trunc_normal_init=True):
-    """hidden_dim 0: the backbone's feature size (official MoCo's --mlp: Linear(2048, 2048) on a ResNet-50)."""
-    backbone = backbones.build_backbone(arch)
-    return MoCoNet(backbone, MoCoHead(backbone.feat_dim, hidden_dim or backbone.feat_dim, dim, trunc_normal_init))
+    backbone = backbones.build_backbone(arch)  # hidden_dim 0: its width (official MoCo's --mlp)
+    head = MoCoHead(backbone.feat_dim, hidden_dim or backbone.feat_dim, dim, trunc_normal_init)
+    return MoCoNet(backbone, head)
 
 
 class MoCoQueue(nn.Module):
-    """dim x K keys, random-normal then L2-normalised at init (official MoCo), and the write pointer.
-    A module of its own, OUTSIDE the DDP model: inside, DDP would re-broadcast these 32 MB from rank 0
-    every forward. Every rank enqueues the same all-gathered keys, so the copies stay identical; the init
-    uses its own seeded generator for the same reason."""
+    """dim x K keys (random, normalised) and the write pointer, outside DDP, which would broadcast
+    its 32 MB every step: every rank enqueues the same gathered keys, so the copies stay equal."""
 
     def __init__(self, dim, size, seed=0):
         super().__init__()
-        generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("keys", F.normalize(torch.randn(dim, size, generator=generator), dim=0))
+        keys = torch.randn(dim, size, generator=torch.Generator().manual_seed(seed))  # same on all
+        self.register_buffer("keys", F.normalize(keys, dim=0))
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))
 
     @torch.no_grad()
     def enqueue(self, keys):
-        """Write (n, dim) keys at the pointer, wrapping around the end, so K need not be a multiple of the
-        global batch (official MoCo asserts it is). Index arithmetic on the device: no host sync per step."""
-        size = self.keys.shape[1]
-        if len(keys) > size:
-            raise ValueError(f"{len(keys)} keys per step exceed the queue size {size}; raise --queue-size")
-        index = (self.ptr + torch.arange(len(keys), device=keys.device)) % size
+        """(n, dim) keys at the pointer, wrapping around; on the device: no host sync."""
+        index = (self.ptr + torch.arange(len(keys), device=keys.device)) % self.keys.shape[1]
         self.keys.index_copy_(1, index, keys.T.to(self.keys.dtype))
-        self.ptr.copy_((self.ptr + len(keys)) % size)
+        self.ptr.copy_((self.ptr + len(keys)) % self.keys.shape[1])
 
 
-# ----------------------------------------------------------------------------------------------
-# Loss: InfoNCE of every query against the key of g1 and the queue, SSLight-weighted
-# ----------------------------------------------------------------------------------------------
+# ---- Loss: InfoNCE of every query against the key of g1 and the queue ----
 
 def moco_logits(q, k, queue, temperature):
-    """(n_queries * B, 1 + K) logits: column 0 = q.k (the positive), then q.queue, all / T.
-    q is view-major (rows [v * B, (v + 1) * B) = query view v), k is (B, dim), queue (dim, K)."""
+    """(n_queries * B, 1 + K) logits / T: column 0 the positive q.k, then q.queue. q is view-major
+    (rows [v * B, (v + 1) * B) are query view v), k is (B, dim), queue (dim, K)."""
     n_queries = len(q) // len(k)
     positive = (q.view(n_queries, len(k), -1) * k).sum(-1).reshape(-1, 1)
     return torch.cat([positive, q @ queue], dim=1) / temperature
 
 
 def moco_loss(logits, n_queries, alpha, beta):
-    """alpha * CE(g2 vs key g1) + beta * mean_i CE(local_i vs key g1), target index 0 (SSLight's
-    src/sslight/utils/loss.py MOCOLoss). With alpha = 1/(1+n), beta = n/(1+n) (baseline) this is the plain
-    mean over the 1 + n queries; with no locals it is CE(g2) alone."""
+    """alpha * CE(g2) + beta * mean_i CE(local_i), target index 0 (SSLight's MOCOLoss)."""
     target = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
     ce = F.cross_entropy(logits.float(), target, reduction="none").view(n_queries, -1).mean(1)
     if n_queries == 1:
@@ -218,50 +183,37 @@ def moco_loss(logits, n_queries, alpha, beta):
     return alpha * ce[0] + beta * ce[1:].mean()
 
 
-# ----------------------------------------------------------------------------------------------
-# Keys without BN cheating: which guard, split-BN in one process, shuffle-BN across processes
-# ----------------------------------------------------------------------------------------------
-# MoCo paper (He et al., CVPR 2020) §3.3, shuffling BN: a query and its positive key must not be normalised with
-# the statistics of the same small group of images. Those statistics leak which samples sit together, and the
-# network learns that "signature" instead of the images. Official MoCo shuffles the key batch across GPUs
-# (per-GPU BN then mixes other images into each key's statistics); on one GPU its CIFAR demo splits a shuffled
-# batch into sub-batches. The key encoder's running statistics are never used (kNN, --export and linear_eval.py
-# read the query encoder).
+# ---- Keys without BN cheating (MoCo, He et al. CVPR 2020, Sec. 3.3) ----
+# A query and its key must not share the BN statistics of one small group of images: the network
+# would learn that signature instead of the images. The key encoder's running statistics are never
+# used (kNN, --export and linear_eval.py read the query encoder).
 
 def key_bn_mode(has_bn, world_size, key_sync_bn):
-    """How the key encoder's BN sees the batch:
-    none:    no BN (ViTs): a plain forward, there are no statistics to leak;
-    sync:    SyncBatchNorm (CUDA, several processes, --key-sync-bn 1): a plain forward. Every key is normalised
-             with the mean and variance of the whole global batch; permuting that batch over the GPUs leaves
-             the set, hence every statistic and every key, unchanged, so the paper's shuffle on top of SyncBN
-             (SSLight's moco.py) would only cost an all-gather of every process's images. The query and its
-             positive key still share the current batch's statistics, which the queued negatives (older
-             batches) lack (official MoCo issue #46): --key-sync-bn 0 is the stricter guard;
-    shuffle: per-process BN, several processes: shuffle-BN across them (official MoCo);
-    split:   per-process BN, one process: BN over shuffled sub-batches (official MoCo's CIFAR demo)."""
-    if not has_bn:
-        return "none"
-    if world_size > 1:
+    """none: no BN (ViTs). split: one process, BN on shuffled sub-batches. shuffle: per-process BN,
+    shuffled across processes. sync: SyncBN statistics are the global batch's in any order, so a
+    shuffle would change no key (the queued negatives still lack them: --key-sync-bn 0 is stricter,
+    official MoCo issue #46)."""
+    if has_bn and world_size > 1:
         return "sync" if key_sync_bn else "shuffle"
-    return "split"
+    return "split" if has_bn else "none"
 
 
 def clamp_bn_splits(bn_splits, batch_size):
-    """The largest divisor of the batch <= bn_splits that leaves >= 2 images per split (BN needs 2)."""
-    return max(d for d in range(1, max(1, min(bn_splits, batch_size // 2)) + 1) if batch_size % d == 0)
+    """The largest divisor of the batch <= bn_splits leaving >= 2 images per split (BN needs 2)."""
+    largest = max(1, min(bn_splits, batch_size // 2))
+    return max(d for d in range(1, largest + 1) if batch_size % d == 0)
 
 
 def split_bn_keys(key_encoder, images, bn_splits):
-    """Shuffle, run the key encoder on bn_splits sub-batches, unshuffle: a key's BN statistics come from a
-    random subset of the batch, not from the images its query was normalised with."""
+    """Official MoCo's CIFAR demo: shuffle, keys of bn_splits sub-batches, unshuffle."""
     perm = torch.randperm(len(images), device=images.device)
     keys = torch.cat([key_encoder([chunk]) for chunk in images[perm].chunk(bn_splits)])
     return keys[torch.argsort(perm)]
 
 
 def shuffle_bn_keys(key_encoder, images):
-    """Gather all ranks' images, apply rank 0's permutation, run this rank's slice, gather the keys and
-    undo the permutation with argsort; each rank returns the keys of its own images (official MoCo)."""
+    """Official MoCo: this rank's slice of every rank's images in rank 0's order, keys gathered and
+    unshuffled; each rank returns its own images' keys."""
     world_size, rank = dist.get_world_size(), dist.get_rank()
     all_images = all_gather_cat(images)
     perm = torch.randperm(len(all_images), device=images.device)
@@ -271,8 +223,7 @@ def shuffle_bn_keys(key_encoder, images):
 
 
 def moco_forward(query_encoder, key_encoder, crops, key_bn, bn_splits):
-    """-> queries (n_queries * B, dim) of [g2, l1..ln] and keys (B, dim) of g1: g1 is the ONLY key and
-    never a query (SSLight's MoCo). key_bn: a mode of key_bn_mode; bn_splits is used by "split" only."""
+    """-> queries of [g2, l1..ln] (n_queries * B, dim), keys of g1 alone (B, dim) (SSLight)."""
     with torch.no_grad():
         if key_bn == "split":
             k = split_bn_keys(key_encoder, crops[0], bn_splits)
@@ -336,10 +287,6 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
-
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -348,185 +295,182 @@ def main(argv=None):
     output_dir = args.output_dir or os.path.join("runs", f"moco-{args.arch}")
     checkpoint_path = os.path.join(output_dir, "checkpoint.pth")
     checkpoint = load_checkpoint(checkpoint_path)
-    config = resolve_config(args, given_flags(parser, argv), world_size, checkpoint and checkpoint["config"])
+    saved = checkpoint and checkpoint["config"]
+    config = resolve_config(args, given_flags(parser, argv), world_size, saved)
     if config.export:
         check_export_path(config.export)
     config.amp, amp_note = resolve_amp(config.amp, device)
     config.workers = loader_workers(config.workers)
-    amp = config.amp
     done = checkpoint["epoch"] if checkpoint else 0
-    if checkpoint and config.epochs < done:
-        raise UserError(f"{checkpoint_path} has {done} finished epochs; --epochs {config.epochs} cannot shorten it")
-    if checkpoint and done == config.epochs:
-        log(f"this run is finished: {done} epochs; checkpoint {checkpoint_path}, log {output_dir}/log.jsonl")
+    if config.epochs < done:
+        raise UserError(f"{checkpoint_path} has {done} finished epochs; --epochs {config.epochs} "
+                        "cannot shorten it")
+    if config.epochs == done:
+        log(f"this run is finished: {done} epochs; {checkpoint_path}, {output_dir}/log.jsonl")
         if config.export and rank == 0:
             backbones.export_backbone(checkpoint["query_encoder"], config.export, config.arch)
         return dict(checkpoint=checkpoint)
-    if checkpoint and config.epochs != checkpoint["config"]["epochs"]:
-        log(f"extending the run from {checkpoint['config']['epochs']} to {config.epochs} epochs: "
-            f"the lr schedule is recomputed for {config.epochs}")
-    alpha, beta = config.loss_weights
-    n_queries = 1 + config.local_crops  # g2 + every local crop
-    log(f"MoCo-v2 {config.arch} ({config.recipe}) | {world_size} process(es) on {device}, amp {amp} {amp_note}| "
-        f"views: global {config.global_size}px {config.global_scale}, {config.local_crops} local "
-        f"{config.local_size}px {config.local_scale}, loss weights gg {alpha:.3f} gl {beta:.3f}")
-    log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(config).items())))
+    if saved and config.epochs != saved["epochs"]:
+        log(f"extending the run from {saved['epochs']} to {config.epochs} epochs: new lr schedule")
+    log(f"MoCo-v2 {config.arch} ({config.recipe}) | {world_size} process(es) on {device}, "
+        f"amp {config.amp} {amp_note}| configuration:")
+    log("\n".join(f"  {k}: {v}" for k, v in sorted(vars(config).items())))
 
-    # ============ data (every path and size is checked before the first step) ============
-    recipe = views.recipe_from_flags("moco", config, backbones.is_vit(config.arch), backbones.PATCH_SIZE)
+    # ============ data: every path and size is checked before the run folder is made ============
+    is_vit = backbones.is_vit(config.arch)
+    recipe = views.recipe_from_flags("moco", config, is_vit, backbones.PATCH_SIZE)
     if rank != 0:
         barrier()  # rank 0 downloads a named data set first
     transform, collate, view_sampler = views.view_pipeline(recipe, config.views_on)
     dataset = views.build_dataset(config.data, transform, download=rank == 0)
-    eval_transform = views.eval_transform(config.global_size)
-    eval_sets = config.eval_data and views.build_eval_datasets(config.eval_data, eval_transform, download=rank == 0)
+    eval_sets = config.eval_data and views.build_eval_datasets(
+        config.eval_data, views.eval_transform(config.global_size), download=rank == 0)
     if rank == 0:
         barrier()
-    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=config.seed,
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, seed=config.seed,
                                                   drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, config.batch_size, sampler=sampler, num_workers=config.workers,
-                                         collate_fn=collate,
+    loader = torch.utils.data.DataLoader(dataset, config.batch_size, sampler=sampler,
+                                         num_workers=config.workers, collate_fn=collate,
                                          pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=config.workers > 0,
-                                         prefetch_factor=2 if config.workers > 0 else None)
+                                         persistent_workers=config.workers > 0)
     iters_per_epoch = len(loader)
     if iters_per_epoch == 0:
-        raise UserError(f"{len(dataset)} images give {len(sampler)} per process, fewer than --batch-size "
-                        f"{config.batch_size}")
+        raise UserError(f"{len(dataset)} images: fewer than --batch-size x processes")
     if checkpoint and checkpoint["num_images"] != len(dataset):
-        raise UserError(f"--data {config.data} now has {len(dataset)} images, the run was trained on "
+        raise UserError(f"--data {config.data} has {len(dataset)} images, the run was trained on "
                         f"{checkpoint['num_images']}: use the same data or another --output-dir")
-    log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {config.batch_size} x {world_size}")
-    if rank == 0:  # every check has passed: the run folder is made (and locked) only now
+    log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch")
+    if rank == 0:  # every check has passed: only now is the run folder made (and locked)
         lock_output_dir(output_dir)
 
     # ============ query and key encoders, queue ============
-    moco_net = lambda: build_moco_net(config.arch, config.dim, config.hidden_dim, config.recipe != "classic")
+    head_init = config.recipe != "classic"  # the paper's trunc-normal init; MoCo-v2's default
+    query_encoder = build_moco_net(config.arch, config.dim, config.hidden_dim, head_init)
+    key_encoder = build_moco_net(config.arch, config.dim, config.hidden_dim, head_init)
     memory_format = backbones.memory_format(config.arch, device)
-    query_encoder = backbones.sync_batchnorm(moco_net(), device, world_size).to(device, memory_format=memory_format)
-    key_encoder = moco_net()
-    if config.key_sync_bn:  # the paper converts the key encoder to SyncBN too
+    query_encoder = backbones.sync_batchnorm(query_encoder, device, world_size)
+    if config.key_sync_bn:  # the paper's key encoder has SyncBN too
         key_encoder = backbones.sync_batchnorm(key_encoder, device, world_size)
-    key_encoder = key_encoder.to(device, memory_format=memory_format)
-    # DDP broadcasts rank 0's query encoder to every rank; the key encoder starts as a copy of it and is not
-    # DDP-wrapped (it gets no gradient: it is an EMA of the query encoder).
-    query_ddp = nn.parallel.DistributedDataParallel(query_encoder) if world_size > 1 else query_encoder
+    for net in (query_encoder, key_encoder):
+        net.to(device, memory_format=memory_format)
+    query_ddp = query_encoder
+    if world_size > 1:  # DDP broadcasts rank 0's query encoder; the key encoder starts as its copy
+        query_ddp = nn.parallel.DistributedDataParallel(query_encoder)
     key_encoder.load_state_dict(query_encoder.state_dict())
     key_encoder.requires_grad_(False)
-    # --compile: the forward passes compiled; the plain modules keep the state dicts and the EMA.
-    query_fwd, key_fwd = (torch.compile(m) if config.compile else m for m in (query_ddp, key_encoder))
+    # --compile compiles the forwards; the plain modules keep the state dicts and the EMA.
+    query_fwd, key_fwd = (torch.compile(m) if config.compile else m
+                          for m in (query_ddp, key_encoder))
     queue = MoCoQueue(config.dim, config.queue_size, seed=config.seed).to(device)
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in key_encoder.modules())
-    key_bn = key_bn_mode(has_bn, world_size, any(isinstance(m, nn.SyncBatchNorm) for m in key_encoder.modules()))
+    bn = [m for m in key_encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    key_bn = key_bn_mode(bool(bn), world_size, any(isinstance(m, nn.SyncBatchNorm) for m in bn))
     bn_splits = clamp_bn_splits(config.bn_splits, config.batch_size) if key_bn == "split" else 1
-    log(f"key encoder BN: {key_bn}" + (f", {bn_splits} shuffled sub-batches of {config.batch_size // bn_splits}"
-                                       if key_bn == "split" else ""))
+    split = f", {bn_splits} shuffled sub-batches of {config.batch_size // bn_splits}"
+    log(f"key encoder BN: {key_bn}" + (split if key_bn == "split" else ""))
 
-    # ============ optimizer and schedule (one lr per iteration; weight decay and momentum are constant) ============
+    # ============ optimizer, lr schedule, resume ============
     groups = param_groups([query_encoder], decay_all=bool(config.decay_all_params))
-    if config.optimizer == "lars":
-        optimizer = LARS(groups)
-    elif config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
-    else:
-        optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    optimizer = (LARS(groups) if config.optimizer == "lars" else
+                 torch.optim.SGD(groups, lr=0.0, momentum=0.9) if config.optimizer == "sgd" else
+                 torch.optim.AdamW(groups, fused=device.type == "cuda"))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     peak_lr = config.lr * config.batch_size * world_size / 256
-    if config.lr_schedule == "iter":
-        lr_schedule = cosine_schedule(peak_lr, config.min_lr, config.epochs, iters_per_epoch, config.warmup_epochs)
-    else:  # official MoCo's lr * 0.5 * (1 + cos(pi * epoch / epochs)), held for the whole epoch
-        per_epoch = cosine_schedule(peak_lr, config.min_lr, config.epochs, 1, config.warmup_epochs)
-        lr_schedule = [lr for lr in per_epoch for _ in range(iters_per_epoch)]
-    query_params, key_params = list(query_encoder.parameters()), list(key_encoder.parameters())
-    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
-    knn = lambda: knn_monitor(query_encoder.backbone, *eval_sets, 256, config.workers, device, rank, world_size,
-                              autocast, memory_format)
-
-    # ============ resume, or the untrained network's kNN as epoch 0 ============
+    steps = iters_per_epoch if config.lr_schedule == "iter" else 1  # classic: per epoch
+    per_step = cosine_schedule(peak_lr, config.min_lr, config.epochs, steps, config.warmup_epochs)
+    lr_schedule = [lr for lr in per_step for _ in range(iters_per_epoch // steps)]
+    amp_dtype = torch.float16 if config.amp == "fp16" else torch.bfloat16
+    autocast = torch.autocast(device.type, amp_dtype, enabled=config.amp != "off")
+    evaluate = lambda: knn_monitor(query_encoder.backbone, *eval_sets, 256, config.workers, device,
+                                   rank, world_size, autocast, memory_format)
+    stateful = dict(query_encoder=query_encoder, key_encoder=key_encoder, queue=queue,
+                    optimizer=optimizer, scaler=scaler)
     if checkpoint:
-        query_encoder.load_state_dict(checkpoint["query_encoder"])
-        key_encoder.load_state_dict(checkpoint["key_encoder"])
-        queue.load_state_dict(checkpoint["queue"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"]:  # empty unless saved under fp16 (switching --amp is allowed)
-            scaler.load_state_dict(checkpoint["scaler"])
+        for name, part in stateful.items():
+            if checkpoint[name]:  # the scaler's is empty unless saved under fp16 (--amp may change)
+                part.load_state_dict(checkpoint[name])
         history = checkpoint["history"]
-        log(f"resumed from {checkpoint_path} after epoch {done} of {config.epochs}")
+        log(f"resumed from {checkpoint_path} after epoch {done}")
     else:
-        history = [dict(epoch=0, **knn())] if eval_sets else []
+        history = [dict(epoch=0, **evaluate())] if eval_sets else []
         if history:
             log(f"epoch 0 (untrained): kNN top-1 {history[0]['knn_top1']:.2f} %")
-    if rank == 0:
+    if rank == 0:  # written only once the settings have passed the checks
         with open(os.path.join(output_dir, "args.json"), "w") as f:
-            json.dump(vars(config), f, indent=2)  # written only once the settings have passed the checks
+            json.dump(vars(config), f, indent=2)
 
+    # One step: the key encoder's EMA first (official MoCo: keys from this step's momentum encoder);
+    # the keys of g1 without gradient, BN guarded as above, and the queries [g2, locals]; the logits
+    # against the key and the queue in fp32, as they are divided by T; backward and the optimizer
+    # step; and only then the queue takes every rank's keys: the negatives are past batches' keys,
+    # and the backward needs the queue the logits read, unchanged.
+    query_params, key_params = list(query_encoder.parameters()), list(key_encoder.parameters())
     for epoch in range(done, config.epochs):
-        # ============ one epoch of MoCo ============
         sampler.set_epoch(epoch)
-        query_encoder.train(), key_encoder.train()  # the key encoder's BN uses batch statistics (guarded above)
-        sums = torch.zeros(3, device=device)  # loss, contrastive top-1, embedding std
+        query_encoder.train(), key_encoder.train()  # the keys use batch statistics (guarded)
+        sums = torch.zeros(3, device=device)  # loss, contrastive top-1, key std
         start = time.time()
-        # the copy of the next batch runs beside this step on CUDA
-        bar = tqdm(views.Prefetcher(loader, device), desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0,
-                   dynamic_ncols=True)
+        bar = tqdm(views.Prefetcher(loader, device), desc=f"epoch {epoch + 1}/{config.epochs}",
+                   disable=rank != 0, dynamic_ncols=True)
         for i, batch in enumerate(bar):
-            it = epoch * iters_per_epoch + i  # global iteration: index into the schedule
+            it = epoch * iters_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule[it]
                 group["weight_decay"] = config.weight_decay * group["wd_factor"]
-            crops = views.batch_to_crops(batch, device, memory_format, view_sampler)  # uint8 -> float there
+            crops = views.batch_to_crops(batch, device, memory_format, view_sampler)
 
-            ema_update(key_params, query_params, config.momentum)  # before the keys, as official MoCo
+            ema_update(key_params, query_params, config.momentum)
             with autocast:
                 q, k = moco_forward(query_fwd, key_fwd, crops, key_bn, bn_splits)
-            logits = moco_logits(q.float(), k.float(), queue.keys, config.temperature)  # fp32: divided by T
-            loss = moco_loss(logits, n_queries, alpha, beta)
+            logits = moco_logits(q.float(), k.float(), queue.keys, config.temperature)
+            loss = moco_loss(logits, 1 + config.local_crops, *config.loss_weights)
 
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-            # After backward: the matmul above saved the queue for it, an in-place write before would break it.
             queue.enqueue(all_gather_cat(k))  # every rank's keys, in rank order
 
-            # Instance-discrimination top-1 (the positive beats all K negatives), and the collapse signal: the
-            # per-dimension std of the L2-normalised keys, ~1/sqrt(dim) when spread, ~0 when all are the same.
+            # Contrastive top-1: the positive beats all K negatives. The per-dimension std of the
+            # normalised keys is ~1/sqrt(dim) when they spread, ~0 when all are the same.
             accuracy = (logits.detach().argmax(1) == 0).float().mean()
             sums += torch.stack([loss.detach(), accuracy, k.float().std(0).mean()])
             del q, k, logits, loss  # free them before the next forward's peak
             if (i + 1) % config.log_every == 0 or i + 1 == iters_per_epoch:  # the one host sync
                 means = (all_reduce_sum(sums.clone()) / ((i + 1) * world_size)).tolist()
                 if not math.isfinite(means[0]):
-                    kept = f"{checkpoint_path} (epoch {epoch}) is kept" if epoch else "no checkpoint yet"
-                    raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; {kept}. "
-                                     + ("Try a lower --lr" if amp == "off" else "Try --amp off or a lower --lr"))
-                bar.set_postfix(loss=f"{means[0]:.4f}", acc=f"{means[1]:.3f}", lr=f"{lr_schedule[it]:.2e}",
-                                img_s=round((i + 1) * config.batch_size * world_size / (time.time() - start), 1))
+                    kept = (f"{checkpoint_path} (epoch {epoch}) is kept" if epoch
+                            else "no checkpoint yet")
+                    advice = "a lower --lr" if config.amp == "off" else "--amp off or a lower --lr"
+                    raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; "
+                                     f"{kept}. Try {advice}")
+                img_s = (i + 1) * config.batch_size * world_size / (time.time() - start)
+                bar.set_postfix(loss=f"{means[0]:.4f}", acc=f"{means[1]:.3f}",
+                                lr=f"{lr_schedule[it]:.2e}", img_s=round(img_s, 1))
 
         # ============ end of epoch: record, monitor, checkpoint ============
-        chance_loss = math.log(config.queue_size + 1)  # the positive no better than a negative
+        chance = math.log(config.queue_size + 1)  # the loss of a positive no better than a negative
         record = dict(epoch=epoch + 1, loss=means[0], contrastive_top1=round(100 * means[1], 2),
-                      embedding_std=means[2], chance_loss=chance_loss, lr=lr_schedule[it],
-                      wd=config.weight_decay, momentum=config.momentum,
-                      img_per_s=round(iters_per_epoch * config.batch_size * world_size / (time.time() - start), 1))
+                      embedding_std=means[2], chance_loss=chance, lr=lr_schedule[it],
+                      wd=config.weight_decay, momentum=config.momentum, img_per_s=round(img_s, 1))
         if eval_sets and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
-            record.update(knn())
+            record.update(evaluate())
         history.append(record)
         untrained = f" (untrained {history[0]['knn_top1']:.2f})" if history[0]["epoch"] == 0 else ""
-        log(f"epoch {epoch + 1}/{config.epochs}: loss {means[0]:.4f} (ln(K+1) {chance_loss:.3f}), contrastive top-1 "
-            f"{100 * means[1]:.1f} %, key std {means[2]:.4f} (~{1 / math.sqrt(config.dim):.3f} healthy)"
-            + (f", kNN top-1 {record['knn_top1']:.2f} %{untrained}" if "knn_top1" in record else ""))
-        same_keys, at_chance = means[2] < 0.01 / math.sqrt(config.dim), means[0] >= 0.99 * chance_loss
+        knn = f", kNN top-1 {record['knn_top1']:.2f} %{untrained}" if "knn_top1" in record else ""
+        log(f"epoch {epoch + 1}/{config.epochs}: loss {means[0]:.4f} (ln(K+1) {chance:.3f}), "
+            f"contrastive top-1 {100 * means[1]:.1f} %, key std {means[2]:.4f} "
+            f"(~{1 / math.sqrt(config.dim):.3f} healthy){knn}")
+        same_keys, at_chance = means[2] < 0.01 / math.sqrt(config.dim), means[0] >= 0.99 * chance
         if same_keys or at_chance:
-            what = "every image gives the same key" if same_keys else "the positive is no better than a negative"
-            log(f"collapse: {what} (key std {means[2]:.2e}, loss {means[0]:.3f} of ln(K+1) {chance_loss:.3f}). "
-                "Usually fixed by a lower --lr, a lower --momentum (0.99) on short runs, --temperature 0.2, or a "
-                "smaller --queue-size on small data sets (stale keys)")
+            what = ("every image gives the same key" if same_keys else
+                    "the positive is no better than a negative")
+            log(f"collapse: {what} (key std {means[2]:.2e}, loss {means[0]:.3f} of ln(K+1) "
+                f"{chance:.3f}). Try a lower --lr, --momentum 0.99 on short runs, --temperature "
+                "0.2, or a smaller --queue-size on small data sets (stale keys)")
         if rank == 0:
-            save_checkpoint(dict(method="moco", config=vars(config), epoch=epoch + 1, num_images=len(dataset),
-                                 history=history, query_encoder=query_encoder.state_dict(),
-                                 key_encoder=key_encoder.state_dict(), queue=queue.state_dict(),
-                                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict()), checkpoint_path)
+            states = {name: part.state_dict() for name, part in stateful.items()}
+            save_checkpoint(dict(states, method="moco", config=vars(config), epoch=epoch + 1,
+                                 num_images=len(dataset), history=history), checkpoint_path)
             write_log(os.path.join(output_dir, "log.jsonl"), history)
 
     if config.export and rank == 0:
