@@ -1,20 +1,15 @@
-"""Evaluate a pre-trained backbone (SSLight, Tan, Saleh, Martinez, ICLR 2023): the paper's linear probe,
-weighted kNN, a fast probe on cached features, and semi-supervised fine-tuning.
+"""Evaluate a pre-trained backbone (SSLight, Tan, Saleh, Martinez, ICLR 2023): the paper's linear
+probe, weighted kNN, a fast probe on cached features, and semi-supervised fine-tuning.
 
-    python linear_eval.py --checkpoint runs/dino-resnet18/checkpoint.pth --data /path/imagenet     # linear probe
-    torchrun --nproc_per_node=8 linear_eval.py --checkpoint ... --data /path/imagenet --batch-size 512
-    python linear_eval.py --mode knn --checkpoint ... --data /path/imagenette2-112 --global-size 112
-    python linear_eval.py --mode fast-linear --checkpoint ... --data cifar10 --global-size 32     # seconds
-    python linear_eval.py --mode finetune --label-fraction 0.01 --checkpoint ... --data /path/imagenet
-    python linear_eval.py --mode knn --checkpoint none --data synthetic --global-size 32     # random-init baseline
+    python linear_eval.py --checkpoint runs/dino-resnet18/checkpoint.pth --data /path/imagenet
+    torchrun --nproc_per_node=8 linear_eval.py --checkpoint ... --data /path/imagenet
+    python linear_eval.py --mode knn --checkpoint none --data cifar10 --global-size 32
 
---checkpoint is a checkpoint.pth of dino.py (the teacher by default), moco_v2.py (the query encoder) or swav.py,
-or a backbone written by their --export; the arch defaults to the one it was pre-trained with. Loading is strict:
-a key that does not fit is named, with the arch that would fit. --data is a root with train/ and val/ image
-folders, or cifar10 | cifar100 | stl10 | synthetic. Results: a JSON file beside the checkpoint (eval-<mode>.json,
-rewritten after every epoch), so the evaluations of two checkpoints never overwrite each other.
+--checkpoint: a checkpoint.pth of dino.py (the teacher by default), moco_v2.py or swav.py, or a
+backbone from their --export. Results: eval-<mode>.json beside it, rewritten after every epoch.
 """
 import argparse
+import collections
 import json
 import math
 import os
@@ -31,16 +26,13 @@ import backbones
 import views
 from views import UserError
 
-PROTOCOLS = {
-    "linear": "the paper's probe (SSLight's classification/config/exp_yamls/*_linear.yaml): frozen backbone "
-              "in eval mode, CNN pooled feature + LARS lr 0.05/256, ViT last-4 CLS + SGD lr 0.01/256, no weight decay",
-    "fast-linear": "NOT the paper's protocol: a linear layer on cached centre-crop features (no augmentation), Adam",
-    "knn": "weighted kNN, train bank -> val (official DINO eval_knn.py); SSLight's own monitor ran val-vs-val",
-    "finetune": "the paper's semi-supervised fine-tuning (SSLight's classification dino_*_semi.yaml): whole network, "
-                "MLP head from the DINO projection head, SGD Nesterov lr 0.03/256",
+PROTOCOLS = {  # written into the results
+    "linear": "the paper's probe (SSLight's *_linear.yaml): a Linear on the frozen backbone",
+    "fast-linear": "NOT the paper's protocol: a Linear on cached centre-crop features, Adam",
+    "knn": "weighted kNN, train bank -> val (official DINO eval_knn.py)",
+    "finetune": "the paper's semi-supervised fine-tuning (SSLight's dino_*_semi.yaml)",
 }
-# Where each pre-training script keeps the network whose "backbone.*" keys are evaluated.
-MODEL_KEYS = {"dino": None, "moco": "query_encoder", "swav": "model"}  # dino: --checkpoint-key
+MODEL_KEYS = {"dino": None, "moco": "query_encoder", "swav": "model"}  # the one with "backbone.*"
 
 
 def get_args_parser():
@@ -48,51 +40,36 @@ def get_args_parser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e = parser.add_argument_group("what to evaluate")
     e.add_argument("--mode", default="linear", choices=list(PROTOCOLS),
-                   help="linear: the paper's probe; fast-linear: Adam on cached features, seconds, NOT the paper's "
-                        "protocol; knn: weighted kNN (k 20, T 0.07); finetune: semi-supervised")
-    e.add_argument("--checkpoint", required=True,
-                   help="checkpoint.pth of dino.py / moco_v2.py / swav.py, an exported backbone, or none (random init)")
+                   help="linear: the paper's probe; fast-linear: NOT the paper's, seconds")
+    e.add_argument("--checkpoint", required=True, help="checkpoint.pth, an --export, or none")
     e.add_argument("--checkpoint-key", default="teacher", choices=["teacher", "student"],
-                   help="the DINO network to evaluate: teacher (official DINO); SSLight's code took the student")
-    e.add_argument("--arch", default=None, choices=backbones.ARCHS,
-                   help="default: the arch the checkpoint was pre-trained with; resnet18 for none / exported backbones")
-    e.add_argument("--data", default="synthetic", help="a root with train/ and val/ image folders, cifar10 | cifar100 "
-                                                       "| stl10 (downloaded into ./data), or synthetic (no files)")
-    e.add_argument("--global-size", type=int, default=224,
-                   help="crop size: paper 224 (val: resize 256/224 of it, centre crop); 112 Imagenette-112, 32 CIFAR")
-    e.add_argument("--output", default=None,
-                   help="results JSON; default beside the checkpoint: DIR/eval-<mode>.json for DIR/checkpoint.pth, "
-                        "DIR/NAME.eval-<mode>.json for DIR/NAME.pth, runs/eval-random-<arch>/ for none")
+                   help="DINO: teacher (official DINO); SSLight's code took the student")
+    e.add_argument("--arch", default=None, choices=backbones.ARCHS, help="None: the checkpoint's")
+    e.add_argument("--data", default="synthetic", help="train/ + val/ folders, cifar10, stl10, ...")
+    e.add_argument("--global-size", type=int, default=224, help="crop size: paper 224, CIFAR 32")
+    e.add_argument("--output", default=None, help="results JSON; default beside the checkpoint")
     r = parser.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=128,
-                   help="per process; paper: linear CNN 512 x 8 = 4096, ViT 128 x 8, finetune 128 x 8")
-    r.add_argument("--workers", type=int, default=None,
-                   help="loader processes per process; default: the node's cores / processes per node, at most 8")
+                   help="per process; paper: linear CNN 512 x 8 GPUs, ViT and finetune 128 x 8")
+    r.add_argument("--workers", type=int, default=None, help="None: cores / processes, at most 8")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="autocast: auto = bf16 on GPUs of compute capability >= 8.0, fp16 (+ GradScaler) below, off on "
-                        "the CPU; the paper evaluated in fp32")
+                   help="auto: bf16, fp16 below compute capability 8.0, off on CPUs; paper fp32")
     p = parser.add_argument_group("protocol (None = the paper's value for the mode and arch)")
-    p.add_argument("--epochs", type=int, default=None,
-                   help="linear / fast-linear 100; finetune 60 below 5%% of the labels (1%%), else 30 (10%%)")
+    p.add_argument("--epochs", type=int, default=None, help="100; finetune 60 at 1%%, 30 at 10%%")
     p.add_argument("--lr", type=float, default=None,
-                   help="per 256 images (peak = lr * global batch / 256): linear CNN 0.05 (LARS, 0.8 at 4096), ViT 0.01"
-                        " (SGD, 0.04 at 1024), finetune 0.03 (0.12 at 1024); fast-linear: Adam's lr 1e-3, not scaled")
-    p.add_argument("--n-last-blocks", type=int, default=4, help="ViT probe: CLS tokens of the last n blocks (paper 4)")
-    p.add_argument("--knn-k", type=int, default=20, help="official DINO 20; the MoCo / InstDisc monitor 200")
-    p.add_argument("--knn-t", type=float, default=0.07, help="vote weight exp(sim / T): DINO 0.07; MoCo monitor 0.1")
-    p.add_argument("--label-fraction", type=float, default=None,
-                   help="finetune: the fraction of each class's labels kept (default 0.01)")
-    p.add_argument("--subset-file", default=None,
-                   help="finetune: the image file names to keep, one a line (or SSLight's index,label,wnid,filename)")
+                   help="per 256 images: probe CNN 0.05, ViT 0.01; finetune 0.03; fast-linear 1e-3")
+    p.add_argument("--n-last-blocks", type=int, default=4, help="ViT probe: last n CLS (paper 4)")
+    p.add_argument("--knn-k", type=int, default=20, help="official DINO 20; MoCo's monitor 200")
+    p.add_argument("--knn-t", type=float, default=0.07, help="DINO 0.07; MoCo's monitor 0.1")
+    p.add_argument("--label-fraction", type=float, default=None, help="finetune: paper 0.01, 0.1")
+    p.add_argument("--subset-file", default=None, help="finetune: the file names to keep")
     return parser
 
 
-def default_output(checkpoint, arch, mode, checkpoint_key="teacher", label_fraction=None, subset_file=None):
-    """The results file, beside the checkpoint: runs/dino-resnet18/checkpoint.pth -> runs/dino-resnet18/eval-knn.json,
-    exported/r18.pth -> exported/r18.eval-knn.json; --checkpoint none -> runs/eval-random-<arch>/eval-knn.json.
-    The DINO student and each label subset get their own file too."""
+def default_output(checkpoint, arch, mode, key="teacher", label_fraction=None, subset_file=None):
+    """DIR/checkpoint.pth -> DIR/eval-knn.json, DIR/r18.pth -> DIR/r18.eval-knn.json, and so on."""
     name = f"eval-{mode}"
     if mode == "finetune":
         name += "-" + (os.path.splitext(os.path.basename(subset_file))[0] if subset_file
@@ -100,26 +77,27 @@ def default_output(checkpoint, arch, mode, checkpoint_key="teacher", label_fract
     if checkpoint == "none":
         return os.path.join("runs", f"eval-random-{arch}", f"{name}.json")
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
-    name += "-student" if checkpoint_key == "student" else ""
-    return os.path.join(os.path.dirname(checkpoint), ("" if stem == "checkpoint" else stem + ".") + f"{name}.json")
+    name += "-student" if key == "student" else ""
+    prefix = "" if stem == "checkpoint" else stem + "."
+    return os.path.join(os.path.dirname(checkpoint), f"{prefix}{name}.json")
 
 
 def resolve_config(args, world_size, pretrained_arch=None):
-    """The evaluation's whole configuration, once: flags + the paper's values for the mode and arch."""
+    """The whole configuration, once: the flags + the paper's values for the mode and arch."""
     config = dict(vars(args), world_size=world_size)
-    config["arch"] = args.arch or pretrained_arch or "resnet18"
+    arch = config["arch"] = args.arch or pretrained_arch or "resnet18"
     config["workers"] = loader_workers(args.workers)
-    vit = backbones.is_vit(config["arch"])
-    # (epochs, lr) of each mode when not given: the lr per 256 images, scaled by the global batch (fast-linear: Adam's
-    # own). Fine-tuning: 60 epochs below 5% of the labels (1%), else 30 (10%), set once the subset is known.
-    epochs, lr = {"linear": (100, 0.01 if vit else 0.05), "fast-linear": (100, 1e-3), "knn": (None, None),
-                  "finetune": (None, 0.03)}[args.mode]
+    vit = backbones.is_vit(arch)
+    # (epochs, lr per 256 images; fast-linear: Adam's own). Fine-tuning's epochs follow its subset.
+    epochs, lr = {"linear": (100, 0.01 if vit else 0.05), "fast-linear": (100, 1e-3),
+                  "knn": (None, None), "finetune": (None, 0.03)}[args.mode]
     config["epochs"] = args.epochs if args.epochs is not None else epochs
     config["lr"] = args.lr if args.lr is not None else lr
-    config["output"] = args.output or default_output(args.checkpoint, config["arch"], args.mode, args.checkpoint_key,
-                                                     args.label_fraction, args.subset_file)
-    for name in ("batch_size", "knn_k", "n_last_blocks") + (("epochs",) if args.epochs is not None else ()):
-        if config[name] < 1:
+    config["output"] = args.output or default_output(args.checkpoint, arch, args.mode,
+                                                     args.checkpoint_key, args.label_fraction,
+                                                     args.subset_file)
+    for name in ("batch_size", "knn_k", "n_last_blocks", "epochs"):
+        if config[name] is not None and config[name] < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {config[name]}")
     if (config["lr"] is not None and config["lr"] <= 0) or args.knn_t <= 0:
         raise UserError(f"--lr and --knn-t must be > 0, not {config['lr']} and {args.knn_t}")
@@ -128,18 +106,12 @@ def resolve_config(args, world_size, pretrained_arch=None):
     if args.subset_file and not os.path.isfile(args.subset_file):
         raise UserError(f"--subset-file {args.subset_file}: no such file")
     if args.global_size < 16 or (vit and args.global_size % backbones.PATCH_SIZE):
-        raise UserError(f"--global-size {args.global_size}: need >= 16, and a multiple of 16 for {config['arch']}")
+        raise UserError(f"--global-size {args.global_size}: need >= 16 (a ViT: a multiple of 16)")
     return types.SimpleNamespace(**config)
 
 
-# ----------------------------------------------------------------------------------------------
-# Checkpoints: the backbone of a dino.py / moco_v2.py / swav.py checkpoint, or an exported one
-# ----------------------------------------------------------------------------------------------
-
 def read_checkpoint(path, checkpoint_key="teacher"):
-    """-> (backbone state dict, info). info: path, method, the arch it was pre-trained with (from the saved
-    config), the network's key and, for DINO, the projection head's state dict (fine-tuning starts from it).
-    'none' -> (None, info of a random init)."""
+    """-> (backbone state dict, info: path, method, arch, network's key, DINO's projection head)."""
     info = dict(path=path, method="random-init", arch=None, key=None, head=None)
     if path == "none":
         return None, info
@@ -148,30 +120,27 @@ def read_checkpoint(path, checkpoint_key="teacher"):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
-        raise UserError(f"--checkpoint {path}: cannot read it ({type(error).__name__}: {str(error)[:200]})") from None
+        raise UserError(f"--checkpoint {path}: cannot read it: {str(error)[:200]}") from None
     if not isinstance(checkpoint, dict):
-        raise UserError(f"--checkpoint {path}: not a checkpoint or a state dict but a {type(checkpoint).__name__}")
-    clean = lambda state: {".".join(p for p in k.split(".") if p != "module"): v for k, v in state.items()}  # DDP
+        raise UserError(f"--checkpoint {path}: not a checkpoint but a {type(checkpoint).__name__}")
+    clean = lambda s: {".".join(p for p in k.split(".") if p != "module"): v for k, v in s.items()}
     if "method" not in checkpoint:  # an exported backbone: its own keys
         return clean(checkpoint), dict(info, method="exported")
     method = checkpoint["method"]
-    if method not in MODEL_KEYS:
-        raise UserError(f"--checkpoint {path}: unknown method {method!r}; expected dino, moco or swav")
-    key = MODEL_KEYS[method] or checkpoint_key
+    key = MODEL_KEYS.get(method) or checkpoint_key
     if key not in checkpoint:
-        raise UserError(f"--checkpoint {path}: a {method} checkpoint without {key!r} (it has: {', '.join(checkpoint)})")
+        raise UserError(f"--checkpoint {path}: a {method} checkpoint without {key!r} "
+                        f"(it has: {', '.join(checkpoint)})")
     network = clean(checkpoint[key])
     part = lambda prefix: {k[len(prefix):]: v for k, v in network.items() if k.startswith(prefix)}
-    if not part("backbone."):
-        raise UserError(f"--checkpoint {path}: checkpoint[{key!r}] has no 'backbone.*' keys")
-    return part("backbone."), dict(info, method=method, arch=(checkpoint.get("config") or {}).get("arch"), key=key,
-                                   head=part("head.") if method == "dino" else None)
+    arch = (checkpoint.get("config") or {}).get("arch")
+    head = part("head.") if method == "dino" else None
+    return part("backbone."), dict(info, method=method, arch=arch, key=key, head=head)
 
 
 def build_for(arch, state):
-    """build_backbone(arch); a ViT with the patch size and position grid of `state` (a ViT pre-trained on
-    112 px crops has a 7x7 grid, one on 224 px a 14x14 one)."""
-    if backbones.is_vit(arch) and state and "pos_embed" in state and "patch_embed.proj.weight" in state:
+    """build_backbone(arch); a ViT with the patch size and position grid of `state` (112 px: 7x7)"""
+    if backbones.is_vit(arch) and state and {"pos_embed", "patch_embed.proj.weight"} <= set(state):
         patch = state["patch_embed.proj.weight"].shape[-1]
         grid = math.isqrt(state["pos_embed"].shape[1] - 1)
         return backbones.build_backbone(arch, patch_size=patch, img_size=patch * grid)
@@ -179,208 +148,172 @@ def build_for(arch, state):
 
 
 def mismatch(model, state):
-    """The missing, unexpected and wrong-shape keys of `state` against `model`."""
     expected = model.state_dict()
     wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
              if k in state and state[k].shape != v.shape]
     return [k for k in expected if k not in state], [k for k in state if k not in expected], wrong
 
 
-def fitting_archs(state, exclude=None):
-    """The archs whose backbone `state` fits (CNNs built on the meta device: shapes only, no memory)."""
-    fits = []
-    for arch in backbones.ARCHS:
-        if arch != exclude and backbones.is_vit(arch) == ("pos_embed" in state):
-            with torch.device("cpu" if backbones.is_vit(arch) else "meta"):
-                if not any(mismatch(build_for(arch, state), state)):
-                    fits.append(arch)
-    return fits
+def fits(arch, state):
+    """Whether `state` fits backbone `arch` (a CNN built on the meta device: shapes, no memory)."""
+    vit = backbones.is_vit(arch)
+    with torch.device("cpu" if vit else "meta"):
+        return vit == ("pos_embed" in state) and not any(mismatch(build_for(arch, state), state))
 
 
 def backbone_from(state, info, arch):
-    """Backbone `arch` with the weights `state` (None: random init). Strict: every key with its shape, or one
-    UserError naming what does not fit and the arch that would."""
+    """Backbone `arch` with the weights `state` (None: random init), strictly, or one UserError."""
     backbone = build_for(arch, state)
     if state is None:
         return backbone
-    # A full torchvision state dict (e.g. ImageNet weights) still holds its classifier: not part of the backbone.
+    # A full torchvision state dict (e.g. ImageNet weights) still holds its classifier: dropped.
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
-    problems = [f"{name} {', '.join(keys[:4])}" + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
-                for name, keys in zip(("missing", "unexpected", "wrong shape"), mismatch(backbone, state)) if keys]
+    problems = []
+    for name, keys in zip(("missing", "unexpected", "wrong shape"), mismatch(backbone, state)):
+        if keys:
+            more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
+            problems.append(f"{name} {', '.join(keys[:4])}{more}")
     if problems:
         if info["arch"] and info["arch"] != arch:
             hint = f" It was pre-trained with --arch {info['arch']}: pass --arch {info['arch']}."
         else:  # an exported backbone has no saved config: try every arch
-            fits = fitting_archs(state, exclude=arch)
-            hint = f" It fits --arch {' / '.join(fits)}." if fits else ""
-        raise UserError(f"--checkpoint {info['path']} ({info['method']}) does not fit --arch {arch}: "
-                        f"{'; '.join(problems)}.{hint}")
+            fitting = [other for other in backbones.ARCHS if other != arch and fits(other, state)]
+            hint = f" It fits --arch {' / '.join(fitting)}." if fitting else ""
+        raise UserError(f"--checkpoint {info['path']} ({info['method']}) does not fit --arch "
+                        f"{arch}: {'; '.join(problems)}.{hint}")
     backbone.load_state_dict(state, strict=True)
     return backbone
 
 
-# ----------------------------------------------------------------------------------------------
-# Features of a frozen backbone, accuracy
-# ----------------------------------------------------------------------------------------------
-
 def probe_features(backbone, n_last_blocks=4):
-    """-> (images -> features, dim). CNN: the global-average-pooled output; ViT: the CLS tokens of the last
-    n blocks, each through the final norm, concatenated (official DINO eval_linear.py: 4 x 192 = 768)."""
+    """-> (images -> features, dim). CNN: pooled output; ViT: last n normed CLS tokens (DINO's)."""
     if getattr(backbone, "is_vit", False):
-        return (lambda images: backbone.last_cls_tokens(images, n_last_blocks)), backbone.feat_dim * n_last_blocks
+        features = lambda images: backbone.last_cls_tokens(images, n_last_blocks)
+        return features, backbone.feat_dim * n_last_blocks
     return backbone, backbone.feat_dim
 
 
-def features_in_eval_mode(module, feature_fn, dataset, batch_size, workers, device, rank, world_size, autocast,
-                          memory_format):
-    """extract_features (the whole dataset, in order, on every rank) with `module` in eval mode, so BN uses its
-    running statistics; its train / eval mode is given back afterwards."""
+def features_in_eval_mode(module, feature_fn, dataset, *options):
+    """extract_features(feature_fn, dataset, *options) with `module` in eval mode, then back."""
     was_training = module.training
-    module.eval()
-    try:
-        return extract_features(feature_fn, dataset, batch_size, workers, device, rank, world_size, autocast,
-                                memory_format)
-    finally:
-        module.train(was_training)
-
-
-def count_hits(logits, labels):
-    """[top-1 hits, top-5 hits] of a batch (top-C when there are C < 5 classes)."""
-    hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]
-    return torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
+    module.eval()  # BN: its running statistics
+    features = extract_features(feature_fn, dataset, *options)
+    module.train(was_training)
+    return features
 
 
 @torch.no_grad()
 def accuracy(classifier, features, labels, chunk=4096):
-    """[top-1 %, top-5 %] of classifier(features), `chunk` rows at a time, rounded to 0.01."""
+    """[top-1 %, top-5 %] of classifier(features) (top-C for C < 5 classes), rounded to 0.01."""
     hits = torch.zeros(2, device=features.device)
     for rows, targets in zip(features.split(chunk), labels.split(chunk)):
-        hits += count_hits(classifier(rows).float(), targets)
+        logits = classifier(rows).float()
+        hit = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+        hits += torch.stack([hit[:, 0].sum(), hit.any(1).sum()])
     return [round(v, 2) for v in (100.0 * hits / max(1, len(labels))).tolist()]
 
 
-# ----------------------------------------------------------------------------------------------
-# The linear probe, fine-tuning, and the loop they share
-# ----------------------------------------------------------------------------------------------
-
 def new_linear(dim, num_classes, generator=None):
     linear = nn.Linear(dim, num_classes)
-    nn.init.normal_(linear.weight, std=0.01, generator=generator)  # N(0, 0.01), bias 0 (official DINO eval_linear.py)
+    nn.init.normal_(linear.weight, std=0.01, generator=generator)  # official DINO eval_linear.py
     nn.init.zeros_(linear.bias)
     return linear
 
 
 def probe_optimizer(linear, is_vit, lr):
-    """CNN: LARS on the weight, the bias without trust ratio (SSLight's classification LARS skips 1-d parameters),
-    momentum 0.9, no weight decay. ViT: SGD momentum 0.9, no weight decay (SSLight's dino_vit_linear.yaml)."""
+    """No weight decay. CNN: LARS, the bias without trust ratio (as SSLight's); ViT: SGD."""
     if is_vit:
         return torch.optim.SGD(linear.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
-    return LARS([dict(params=[linear.weight]), dict(params=[linear.bias], lars_exclude=True)], lr=lr, momentum=0.9)
+    groups = [dict(params=[linear.weight]), dict(params=[linear.bias], lars_exclude=True)]
+    return LARS(groups, lr=lr, momentum=0.9)
 
 
 def train_loader_for(dataset, batch_size, workers, device, rank, world_size, seed):
-    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
-    # drop_last only when there is more than one batch: a last batch of 1 image breaks train-mode BatchNorm
-    return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers,
-                                       pin_memory=device.type == "cuda", drop_last=len(sampler) > batch_size,
-                                       persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, seed=seed)
+    # drop_last only with more than one batch: a last batch of 1 image breaks train-mode BatchNorm
+    return torch.utils.data.DataLoader(
+        dataset, batch_size, sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+        drop_last=len(sampler) > batch_size, persistent_workers=workers > 0)
 
 
-def train_step(model, optimizer, inputs, labels, autocast, scaler):
-    with autocast:
-        loss = F.cross_entropy(model(inputs).float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss.detach()
-
-
-def train_and_evaluate(model, optimizer, loader, epochs, lr, to_inputs, evaluate, device, world_size, autocast, scaler,
-                       report=None, rank=0, min_lr=1e-6):
-    """The loop of the probe and of fine-tuning: a cosine lr to min_lr, set once per epoch (SSLight's
-    classification trainer sets it before each epoch), then evaluate() -> {top1, top5} after every epoch.
-    to_inputs: uint8 images -> what `model` trains on (the normalised images, or the frozen features)."""
+def train_and_evaluate(model, optimizer, loader, epochs, lr, to_inputs, evaluate, device,
+                       world_size, autocast, scaler, report, rank=0, min_lr=1e-6):
     lrs = cosine_schedule(lr, min_lr, epochs, 1)
     history = []
+    # One step: to_inputs (probe: the frozen backbone's features under no_grad, so no graph; else
+    # the normalised images), fp32 logits' cross-entropy under autocast, zero_grad, the scaled
+    # backward, the scaler's step (skipped on inf gradients in fp16), then its update. The lr is set
+    # once per epoch before its first step (SSLight's); the loss is read once per epoch: one sync.
     for epoch in range(epochs):
         for group in optimizer.param_groups:
             group["lr"] = lrs[epoch]
         loader.sampler.set_epoch(epoch)
         model.train()
         loss_sum = torch.zeros((), device=device)
-        for images, labels in tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=rank != 0, leave=False):
-            loss_sum += train_step(model, optimizer, to_inputs(images), labels.to(device, non_blocking=True),
-                                   autocast, scaler)
-        loss = (all_reduce_sum(loss_sum) / (len(loader) * world_size)).item()  # the one host sync of the epoch
+        for images, labels in tqdm(loader, f"epoch {epoch + 1}/{epochs}", disable=rank != 0,
+                                   leave=False):
+            inputs, labels = to_inputs(images), labels.to(device, non_blocking=True)
+            with autocast:
+                loss = F.cross_entropy(model(inputs).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach()
+        loss = (all_reduce_sum(loss_sum) / (len(loader) * world_size)).item()
         if not math.isfinite(loss):
-            raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}; try --amp off or a lower --lr")
+            raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}; try --amp off or a "
+                             "lower --lr")
         history.append(dict(epoch=epoch + 1, lr=lrs[epoch], loss=loss, **evaluate()))
-        if report:
-            report(history)
+        report(history)
     return history
 
 
-def train_linear_probe(backbone, loader, val_features, val_labels, num_classes, epochs, lr, device, world_size,
-                       autocast, scaler, memory_format, n_last_blocks=4, report=None, rank=0):
-    """The paper's probe: a Linear on the features of a frozen backbone kept in eval mode the whole run, so BN
-    uses the pre-training statistics (SSLight's *_linear.yaml, official MoCo main_lincls.py). The val features
-    are computed once by the caller: the backbone and the centre crops never change. -> (linear, history)."""
+def train_linear_probe(backbone, loader, val_features, val_labels, num_classes, epochs, lr,
+                       device, world_size, autocast, scaler, memory_format, n_last_blocks, report,
+                       rank=0):
+    """The paper's probe: a Linear on a backbone frozen in eval mode (BN: pre-training stats)."""
     backbone.eval().requires_grad_(False)
     features, dim = probe_features(backbone, n_last_blocks)
     linear = new_linear(dim, num_classes).to(device)
     optimizer = probe_optimizer(linear, getattr(backbone, "is_vit", False), lr)
-
     def frozen_features(images):
         with torch.no_grad(), autocast:
             return features(views.normalize(images, device, memory_format)).float()
-
     evaluate = lambda: dict(zip(("top1", "top5"), accuracy(linear, val_features, val_labels)))
     model = nn.parallel.DistributedDataParallel(linear) if world_size > 1 else linear
-    history = train_and_evaluate(model, optimizer, loader, epochs, lr, frozen_features, evaluate, device, world_size,
-                                 autocast, scaler, report, rank)
-    return linear, history
+    return linear, train_and_evaluate(model, optimizer, loader, epochs, lr, frozen_features,
+                                      evaluate, device, world_size, autocast, scaler, report, rank)
 
 
-class FineTuneNet(nn.Module):
-    """Backbone + Linear(d, 2048)-BN-GELU-Linear(2048, 2048)-BN-GELU-Linear(2048, C) (SSLight's dino_*_semi.yaml).
-    head.0/1/3/4 are laid out like DINO's CNN head.mlp.0/1/3/4, so they can start from it."""
-
-    def __init__(self, backbone, num_classes, hidden=2048):
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Sequential(nn.Linear(backbone.feat_dim, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
-                                  nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
-                                  nn.Linear(hidden, num_classes))
-
-    def forward(self, images):
-        return self.head(self.backbone(images))
+def finetune_net(backbone, num_classes, hidden=2048):
+    """Backbone + MLP head (SSLight's dino_*_semi.yaml), laid out as DINO's CNN head.mlp."""
+    head = nn.Sequential(nn.Linear(backbone.feat_dim, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
+                         nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.GELU(),
+                         nn.Linear(hidden, num_classes))
+    return nn.Sequential(collections.OrderedDict(backbone=backbone, head=head))
 
 
 def init_head_from_dino(model, dino_head):
-    """Copy DINO's head.mlp.0/1/3/4 (the first two Linear + BN pairs) into model.head -> what was done."""
-    target = model.head.state_dict()
-    wanted = [k for k in target if k.split(".")[0] in ("0", "1", "3", "4")]
-    source = {k[len("mlp."):]: v for k, v in (dino_head or {}).items() if k.startswith("mlp.")}
+    """Copy DINO's head.mlp.0/1/3/4 (the first two Linear + BN pairs) into model.head -> a note."""
     if not dino_head:
         return "head: random init (the checkpoint has no DINO projection head)"
+    target = model.head.state_dict()
+    wanted = [k for k in target if k.split(".")[0] in ("0", "1", "3", "4")]
+    source = {k[len("mlp."):]: v for k, v in dino_head.items() if k.startswith("mlp.")}
     if any(k not in source or source[k].shape != target[k].shape for k in wanted):
-        return "head: random init (the DINO head is not Linear-BN-GELU-Linear-BN of matching sizes, e.g. a ViT head)"
+        return "head: random init (the DINO head is not Linear-BN-GELU-Linear-BN, e.g. a ViT's)"
     model.head.load_state_dict({k: source[k] for k in wanted}, strict=False)
-    return "head: Linear + BN pairs 0/1/3/4 copied from the DINO projection head; the last Linear is new"
+    return "head: Linear + BN pairs 0/1/3/4 copied from the DINO projection head; last Linear new"
 
 
-def finetune_optimizer(model, lr):
-    # SGD Nesterov, momentum 0.9, no weight decay, the same lr for the head (SSLight's dino_*_semi.yaml)
+def finetune_optimizer(model, lr):  # the same for the head (SSLight's dino_*_semi.yaml)
     return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=0.0)
 
 
 @torch.enable_grad()  # callers may hold cached features under no_grad
 def fit_linear(features, labels, num_classes, epochs=100, lr=1e-3, batch_size=1024, seed=0):
-    """fast-linear only, NOT the paper's protocol: a Linear trained on cached features with Adam (no weight
-    decay, cosine per step to 0, shuffled mini-batches). Adam because cached features of different backbones
-    differ in scale by orders of magnitude, and its per-weight step makes one lr work for all: no lr sweep
-    in a mode meant to take seconds. Seeded: every rank fits the same classifier."""
+    """fast-linear: Adam, whose per-weight step suits features of any scale with one lr; seeded."""
     generator = torch.Generator().manual_seed(seed)
     linear = new_linear(features.shape[1], num_classes, generator).to(features.device)
     optimizer = torch.optim.Adam(linear.parameters(), lr=lr, weight_decay=0.0)
@@ -398,39 +331,32 @@ def fit_linear(features, labels, num_classes, epochs=100, lr=1e-3, batch_size=10
     return linear
 
 
-# ----------------------------------------------------------------------------------------------
-# Label subsets for fine-tuning
-# ----------------------------------------------------------------------------------------------
-
 def balanced_subset(labels, fraction, seed=0):
-    """Sorted indices of `fraction` of each class (at least 1 per class), drawn with a seeded generator:
-    the same subset on every rank and in every run."""
-    labels = torch.as_tensor(labels)
+    """Sorted indices of `fraction` of each class (at least 1), seeded: the same on every rank."""
     generator = torch.Generator().manual_seed(seed)
     chosen = []
-    for c in labels.unique().tolist():
-        if c >= 0:  # -1: unlabelled
-            index = (labels == c).nonzero().flatten()
-            chosen.append(index[torch.randperm(len(index), generator=generator)[:max(1, round(fraction * len(index)))]])
+    for c in labels[labels >= 0].unique().tolist():  # -1: unlabelled
+        index = (labels == c).nonzero().flatten()
+        keep = max(1, round(fraction * len(index)))
+        chosen.append(index[torch.randperm(len(index), generator=generator)[:keep]])
     return torch.cat(chosen).sort().values.tolist()
 
 
 def subset_from_file(paths, subset_file):
-    """Indices of `paths` whose file name is listed in `subset_file`: one name a line, or SSLight's
-    classification/data/imagenet_subsets "index,label,wnid,filename" lines (matched on the file name: the
-    index is a position in SSLight's own ordering). -> (indices, number of names listed)."""
+    """-> (the `paths` named in `subset_file`, as indices; how many names it lists). A name a line,
+    or SSLight's "index,label,wnid,filename" lines."""
     with open(subset_file) as f:
-        names = {os.path.basename(line.strip().split(",")[-1].strip()) for line in f if line.strip()}
+        names = {os.path.basename(line.split(",")[-1].strip()) for line in f if line.strip()}
     return [i for i, path in enumerate(paths) if os.path.basename(path) in names], len(names)
 
 
 def dataset_labels(dataset):
-    for attribute in ("targets", "labels"):  # torchvision CIFAR / STL-10
-        if hasattr(dataset, attribute):
-            return torch.as_tensor(getattr(dataset, attribute))
+    labels = getattr(dataset, "targets", getattr(dataset, "labels", None))  # CIFAR / STL-10
+    if labels is not None:
+        return torch.as_tensor(labels)
     if hasattr(dataset, "samples"):  # views.ImageFiles
         return torch.tensor([label for _, label in dataset.samples])
-    return torch.tensor([dataset[i][1] for i in range(len(dataset))])  # synthetic: renders every image once
+    return torch.tensor([dataset[i][1] for i in range(len(dataset))])  # synthetic: renders them
 
 
 class LARS(torch.optim.Optimizer):
@@ -463,13 +389,8 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
-# ----------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------
-
 def main(argv=None):
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     rank, world_size, device = init_distributed(args.device, args.seed)
     log = print if rank == 0 else (lambda *a, **k: None)
     state, info = read_checkpoint(args.checkpoint, args.checkpoint_key)
@@ -478,32 +399,34 @@ def main(argv=None):
     backbone = backbone_from(state, info, config.arch)
     memory_format = backbones.memory_format(config.arch, device)  # channels_last for CNNs on CUDA
     backbone.to(device, memory_format=memory_format)
-    autocast = torch.autocast(device.type, torch.float16 if config.amp == "fp16" else torch.bfloat16,
-                              enabled=config.amp != "off")
+    half = torch.float16 if config.amp == "fp16" else torch.bfloat16
+    autocast = torch.autocast(device.type, half, enabled=config.amp != "off")
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     tag = "[fast-linear: NOT the paper's protocol] " if config.mode == "fast-linear" else ""
-    log(f"{tag}{config.mode} | {config.arch} from {config.checkpoint} ({info['method']}"
-        f"{', ' + info['key'] if info['key'] else ''}) | {config.data} at {config.global_size}px | {world_size} "
-        f"process(es) on {device}, amp {config.amp} {amp_note}| results: {config.output}")
+    log(f"{tag}{config.mode} | {config.arch} from {config.checkpoint} ({info['method']}) | "
+        f"{world_size} process(es) on {device}, amp {config.amp} {amp_note}| {config.output}")
     log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(config).items())))
 
-    # ============ data: labelled train images (augmented for the probe and fine-tuning), centre-cropped val ===========
+    # ============ data: labelled train images (augmented to train on), centre-cropped val ======
     if rank != 0:
         barrier()  # rank 0 downloads a named data set first
-    augment = views.probe_transform(config.global_size) if config.mode in ("linear", "finetune") else None
-    train_set, val_set = views.build_eval_datasets(config.data, views.eval_transform(config.global_size), augment,
-                                                   download=rank == 0)
+    trains = config.mode in ("linear", "finetune")
+    augment = views.probe_transform(config.global_size) if trains else None
+    train_set, val_set = views.build_eval_datasets(
+        config.data, views.eval_transform(config.global_size), augment, download=rank == 0)
     if rank == 0:
         barrier()
     num_classes = len(train_set.classes)
-    extract = lambda module, fn, dataset: features_in_eval_mode(module, fn, dataset, config.batch_size, config.workers,
-                                                                device, rank, world_size, autocast, memory_format)
+    options = (config.batch_size, config.workers, device, rank, world_size, autocast, memory_format)
+    probe = probe_features(backbone, config.n_last_blocks)[0]
     global_batch = config.batch_size * world_size
-    result = dict(mode=config.mode, protocol=PROTOCOLS[config.mode], arch=config.arch, checkpoint=config.checkpoint,
-                  method=info["method"], checkpoint_key=info["key"], data=config.data, global_size=config.global_size,
-                  world_size=world_size, amp=config.amp, train_images=len(train_set), val_images=len(val_set))
+    lr = config.lr * global_batch / 256 if trains else config.lr  # fast-linear: Adam's, not scaled
+    result = dict(mode=config.mode, protocol=PROTOCOLS[config.mode], arch=config.arch,
+                  checkpoint=config.checkpoint, method=info["method"], checkpoint_key=info["key"],
+                  data=config.data, global_size=config.global_size, world_size=world_size,
+                  amp=config.amp, train_images=len(train_set), val_images=len(val_set))
 
-    def write(extra):  # replaced atomically: a killed run keeps the results of its last finished epoch
+    def write(extra):  # replaced atomically: a killed run keeps its last finished epoch's results
         result.update(extra)
         if rank == 0:
             os.makedirs(os.path.dirname(os.path.abspath(config.output)), exist_ok=True)
@@ -513,68 +436,74 @@ def main(argv=None):
 
     def report(history):  # after every epoch: one line, and the JSON rewritten
         best, last = max(history, key=lambda h: h["top1"]), history[-1]
-        log(f"{tag}epoch {last['epoch']}/{result['epochs']}: loss {last['loss']:.4f}, lr {last['lr']:.4g}, top-1 "
-            f"{last['top1']:.2f} %, top-5 {last['top5']:.2f} % (best {best['top1']:.2f} in epoch {best['epoch']})")
-        write(dict(history=history, final_top1=last["top1"], final_top5=last["top5"], best_top1=best["top1"],
-                   best_top5=best["top5"], best_epoch=best["epoch"]))
+        log(f"epoch {last['epoch']}/{result['epochs']}: loss {last['loss']:.4f}, "
+            f"lr {last['lr']:.4g}, top-1 {last['top1']:.2f} %, top-5 {last['top5']:.2f} % "
+            f"(best {best['top1']:.2f} in epoch {best['epoch']})")
+        write(dict(history=history, final_top1=last["top1"], final_top5=last["top5"],
+                   best_top1=best["top1"], best_top5=best["top5"], best_epoch=best["epoch"]))
 
     classifier = None
-    if config.mode in ("knn", "fast-linear"):
-        feature_fn = probe_features(backbone, config.n_last_blocks)[0] if config.mode == "fast-linear" else backbone
-        bank, bank_labels = extract(backbone, feature_fn, train_set)
-        val, val_labels = extract(backbone, feature_fn, val_set)
+    if not trains:  # knn, fast-linear: once, on the features of the centre crops
+        feature_fn = backbone if config.mode == "knn" else probe
+        bank, bank_labels = features_in_eval_mode(backbone, feature_fn, train_set, *options)
+        val, val_labels = features_in_eval_mode(backbone, feature_fn, val_set, *options)
         if config.mode == "knn":
-            top1, top5 = (round(v, 2) for v in knn_classify(bank, bank_labels, val, val_labels, num_classes,
-                                                            config.knn_k, config.knn_t))
+            top1, top5 = (round(v, 2) for v in knn_classify(
+                bank, bank_labels, val, val_labels, num_classes, config.knn_k, config.knn_t))
             extra = dict(k=config.knn_k, temperature=config.knn_t)
         else:
             labelled = bank_labels >= 0
-            classifier = fit_linear(bank[labelled], bank_labels[labelled], num_classes, config.epochs, config.lr,
-                                    seed=config.seed)
+            classifier = fit_linear(bank[labelled], bank_labels[labelled], num_classes,
+                                    config.epochs, lr, seed=config.seed)
             top1, top5 = accuracy(classifier, val, val_labels)
-            extra = dict(epochs=config.epochs, lr=config.lr, optimizer="adam", batch_size=1024)
+            extra = dict(epochs=config.epochs, lr=lr, optimizer="adam", batch_size=1024)
         write(dict(extra, final_top1=top1, final_top5=top5, best_top1=top1, best_top5=top5))
     elif config.mode == "linear":
-        lr = config.lr * global_batch / 256
         write(dict(epochs=config.epochs, lr=lr, global_batch=global_batch,
                    optimizer="sgd" if backbones.is_vit(config.arch) else "lars"))
-        val, val_labels = extract(backbone, probe_features(backbone, config.n_last_blocks)[0], val_set)
-        loader = train_loader_for(train_set, config.batch_size, config.workers, device, rank, world_size, config.seed)
-        classifier, _ = train_linear_probe(backbone, loader, val, val_labels, num_classes, config.epochs, lr, device,
-                                           world_size, autocast, scaler, memory_format, config.n_last_blocks, report,
-                                           rank)
+        val, val_labels = features_in_eval_mode(backbone, probe, val_set, *options)  # once
+        loader = train_loader_for(train_set, config.batch_size, config.workers, device, rank,
+                                  world_size, config.seed)
+        classifier, _ = train_linear_probe(
+            backbone, loader, val, val_labels, num_classes, config.epochs, lr, device, world_size,
+            autocast, scaler, memory_format, config.n_last_blocks, report, rank)
     else:  # finetune: the whole network in train mode on a labelled subset
         if config.subset_file:
             if not hasattr(train_set, "samples"):
-                raise UserError("--subset-file needs --data to be a folder with train/ and val/ (file names to match)")
-            indices, listed = subset_from_file([path for path, _ in train_set.samples], config.subset_file)
-            log(f"{config.subset_file}: {listed} file names listed, {len(indices)} images of {config.data}/train match")
+                raise UserError("--subset-file needs --data to be a folder with train/ and val/")
+            paths = [path for path, _ in train_set.samples]
+            indices, listed = subset_from_file(paths, config.subset_file)
+            log(f"{config.subset_file}: {listed} file names listed, {len(indices)} images of "
+                f"{config.data}/train match")
             if not indices:
                 raise UserError(f"no file of {config.data}/train is named in {config.subset_file}")
         else:
-            indices = balanced_subset(dataset_labels(train_set), config.label_fraction or 0.01, config.seed)
+            indices = balanced_subset(dataset_labels(train_set), config.label_fraction or 0.01,
+                                      config.seed)
         fraction = len(indices) / len(train_set)
         epochs = config.epochs or (60 if fraction < 0.05 else 30)
-        lr = config.lr * global_batch / 256
-        classifier = FineTuneNet(backbone, num_classes)
+        classifier = finetune_net(backbone, num_classes)
         head_note = init_head_from_dino(classifier, info["head"])
-        log(f"{len(indices)} labelled images ({100 * fraction:.2f} %), {epochs} epochs, lr {lr:.4g}; {head_note}")
+        log(f"{len(indices)} labelled images ({100 * fraction:.2f} %), {epochs} epochs, "
+            f"lr {lr:.4g}; {head_note}")
         write(dict(epochs=epochs, lr=lr, global_batch=global_batch, labelled_images=len(indices),
                    label_fraction=fraction, head_init=head_note))
-        # SyncBN across GPUs, as SSLight's fine-tuning; BN of the backbone and of the head
-        classifier = backbones.sync_batchnorm(classifier, device, world_size).to(device, memory_format=memory_format)
+        # SyncBN across GPUs, as SSLight's fine-tuning: BN of the backbone and of the head
+        classifier = backbones.sync_batchnorm(classifier, device, world_size)
+        classifier.to(device, memory_format=memory_format)
         model = nn.parallel.DistributedDataParallel(classifier) if world_size > 1 else classifier
-        loader = train_loader_for(torch.utils.data.Subset(train_set, indices), config.batch_size, config.workers,
-                                  device, rank, world_size, config.seed)
-        logits = lambda: extract(classifier, classifier, val_set)
+        loader = train_loader_for(torch.utils.data.Subset(train_set, indices), config.batch_size,
+                                  config.workers, device, rank, world_size, config.seed)
+        normalize = lambda images: views.normalize(images, device, memory_format)
+        logits = lambda: features_in_eval_mode(classifier, classifier, val_set, *options)
         evaluate = lambda: dict(zip(("top1", "top5"), accuracy(nn.Identity(), *logits())))
-        train_and_evaluate(model, finetune_optimizer(classifier, lr), loader, epochs, lr,
-                           lambda images: views.normalize(images, device, memory_format), evaluate, device, world_size,
-                           autocast, scaler, report, rank)
+        train_and_evaluate(model, finetune_optimizer(classifier, lr), loader, epochs, lr, normalize,
+                           evaluate, device, world_size, autocast, scaler, report, rank)
         backbone = classifier.backbone
-    log(f"{tag}{config.mode}: top-1 {result['final_top1']:.2f} %, top-5 {result['final_top5']:.2f} %"
-        + (f" (best top-1 {result['best_top1']:.2f} % in epoch {result['best_epoch']})" if "history" in result else "")
-        + f"; {len(train_set)} train / {len(val_set)} val images; results in {config.output}")
+    best = (f" (best top-1 {result['best_top1']:.2f} % in epoch {result['best_epoch']})"
+            if trains else "")
+    log(f"{tag}{config.mode}: top-1 {result['final_top1']:.2f} %, top-5 {result['final_top5']:.2f}"
+        f" %{best}; {len(train_set)} train / {len(val_set)} val images; results in {config.output}")
     barrier()
     return dict(backbone=backbone, classifier=classifier, result=result)
 

@@ -45,7 +45,7 @@ def test_fit_linear_separates_separable_features():
     centres = torch.randn(4, 16, generator=g) * 3
     labels = torch.arange(400) % 4
     features = centres[labels] + 0.3 * torch.randn(400, 16, generator=g)
-    top = lambda linear: (100.0 * le.count_hits(linear(features[300:]), labels[300:]) / 100).tolist()
+    top = lambda linear: le.accuracy(linear, features[300:], labels[300:])
     with torch.no_grad():
         untrained = top(le.fit_linear(features[:300], labels[:300], 4, epochs=1, lr=0.0, batch_size=150))
         top1, top5 = top(le.fit_linear(features[:300], labels[:300], 4, epochs=10, lr=5e-2, batch_size=150))
@@ -76,8 +76,10 @@ def test_linear_probe_leaves_backbone_bit_identical():
     torch.manual_seed(1)
     initial = le.new_linear(512, 3).weight.detach().clone()
     torch.manual_seed(1)  # the probe's Linear gets the same init
+    reports = []
     linear, history = le.train_linear_probe(backbone, loader, val_features, val_labels, 3, 1, 0.5, CPU, 1, AMP_OFF,
-                                            torch.amp.GradScaler("cpu", enabled=False), torch.contiguous_format)
+                                            torch.amp.GradScaler("cpu", enabled=False), torch.contiguous_format,
+                                            4, lambda h: reports.append(list(h)))
     after = backbone.state_dict()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed, f"backbone tensors changed: {changed[:5]}"
@@ -85,6 +87,7 @@ def test_linear_probe_leaves_backbone_bit_identical():
     assert not torch.equal(linear.weight.detach(), initial), "the classifier did not train"
     assert [h["epoch"] for h in history] == [1] and math.isfinite(history[0]["loss"])  # epochs count from 1
     assert history[0]["top1"] == le.accuracy(linear, val_features, val_labels)[0]
+    assert reports == [history]  # report() after every epoch
 
 
 def test_features_in_eval_mode_restore_the_mode():
@@ -302,7 +305,7 @@ def test_subset_file_matches_file_names(tmp_path):
 
 def test_finetune_head_from_dino_and_loss_decreases():
     torch.manual_seed(0)
-    model = le.FineTuneNet(backbones.build_backbone("resnet18"), num_classes=4, hidden=128)  # paper 2048
+    model = le.finetune_net(backbones.build_backbone("resnet18"), num_classes=4, hidden=128)  # paper 2048
     nn = torch.nn  # DINO's CNN head.mlp (hidden 128 here): Linear-BN-GELU-Linear-BN-GELU-Linear(256)
     dino_mlp = nn.Sequential(nn.Linear(512, 128), nn.BatchNorm1d(128), nn.GELU(), nn.Linear(128, 128),
                              nn.BatchNorm1d(128), nn.GELU(), nn.Linear(128, 256))
@@ -315,12 +318,13 @@ def test_finetune_head_from_dino_and_loss_decreases():
     assert "random" in le.init_head_from_dino(model, vit_head)
     assert "random" in le.init_head_from_dino(model, None)
 
-    images, labels = views.normalize(uint8_images(8), CPU), torch.arange(8) % 4
     optimizer = le.finetune_optimizer(model, lr=0.01)
     assert optimizer.param_groups[0]["nesterov"] and optimizer.param_groups[0]["momentum"] == 0.9
-    model.train()
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    losses = [le.train_step(model, optimizer, images, labels, AMP_OFF, scaler).item() for _ in range(4)]
+    # 4 epochs of 1 batch through the loop of the probe and fine-tuning
+    loader = le.train_loader_for(TensorDataset(uint8_images(8), torch.arange(8) % 4), 8, 0, CPU, 0, 1, seed=0)
+    history = le.train_and_evaluate(model, optimizer, loader, 4, 0.01, lambda images: views.normalize(images, CPU),
+                                    dict, CPU, 1, AMP_OFF, torch.amp.GradScaler("cpu", enabled=False), lambda h: None)
+    losses = [h["loss"] for h in history]
     assert losses[-1] < 0.5 * losses[0], losses
 
 
