@@ -1,14 +1,11 @@
-"""DINO pre-training with the paper's view sampling (SSLight, Tan, Saleh, Martinez, ICLR 2023).
+"""DINO pre-training with SSLight's views (Tan, Saleh, Martinez, ICLR 2023). The teacher sees the 2
+global crops, the student every crop; the student learns to match the teacher's centred, sharpened
+output, and the teacher is an EMA of the student. SSLight changes only the crops and loss weights
+(views.py). Defaults: the paper's (SSLight's exp_yamls/dino). Output: <output-dir>/{args.json,
+log.jsonl, checkpoint.pth}; a rerun resumes.
 
-    python dino.py                                              # the CPU demo on the built-in synthetic set
-    python dino.py --arch resnet18 --data /path/imagenet/train
+    python dino.py                                     # the CPU demo on the built-in synthetic set
     torchrun --nproc_per_node=8 dino.py --arch vit_tiny --local-crops 10 --data /path/imagenet/train
-
-Student and teacher share an architecture (backbone + projection head). The teacher sees the 2 global
-crops, the student every crop; the student learns to match the teacher's centred, sharpened output
-distribution, and the teacher is an EMA of the student. SSLight changes only the crops and the loss
-weights (views.py); every default below is the paper's (SSLight's exp_yamls/dino) unless noted.
-Output: <output-dir>/{args.json, log.jsonl, checkpoint.pth}; a rerun resumes.
 """
 import argparse
 import fcntl
@@ -29,91 +26,86 @@ import backbones
 import views
 from views import UserError
 
-# The paper's DINO settings per backbone family (SSLight's dino_cnn_*.yaml / dino_vit_*.yaml). Unset flags
-# take these; warm-ups given in epochs of the paper's 200-epoch runs are scaled down for shorter runs.
+# The paper's settings per backbone family (SSLight's dino_cnn_*.yaml / dino_vit_*.yaml) for unset
+# flags; warm-ups in epochs of the paper's 200-epoch runs are scaled down for shorter runs.
 PAPER_DEFAULTS = {
-    "cnn": dict(out_dim=4096, use_bn_in_head=1, norm_last_layer=1, optimizer="lars", lr=0.48, min_lr=0.0048,
-                weight_decay=1e-6, weight_decay_end=1e-6, warmup_teacher_temp_epochs=50, drop_path=0.0),
-    "vit": dict(out_dim=65536, use_bn_in_head=0, norm_last_layer=0, optimizer="adamw", lr=5e-4, min_lr=1e-5,
-                weight_decay=0.04, weight_decay_end=0.4, warmup_teacher_temp_epochs=30, drop_path=0.1),
+    "cnn": dict(out_dim=4096, use_bn_in_head=1, norm_last_layer=1, optimizer="lars", lr=0.48,
+                min_lr=0.0048, weight_decay=1e-6, weight_decay_end=1e-6, drop_path=0.0,
+                warmup_teacher_temp_epochs=50),
+    "vit": dict(out_dim=65536, use_bn_in_head=0, norm_last_layer=0, optimizer="adamw", lr=5e-4,
+                min_lr=1e-5, weight_decay=0.04, weight_decay_end=0.4, drop_path=0.1,
+                warmup_teacher_temp_epochs=30),
 }
 PAPER_EPOCHS = 200
-# Settings of this machine and command, never taken from a checkpoint.
+# This machine's and command's settings, never taken from a checkpoint.
 THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export", "compile"}
-# Settings a resumed run may change when typed again; every other one is compared with the checkpoint's.
-RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}  # a moved --data: its size is checked
+# What a resume may change (a moved --data: its size is checked); other typed flags must match.
+RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}
 
 
 def get_args_parser():
+    paper = lambda key: f"CNN {PAPER_DEFAULTS['cnn'][key]}, ViT {PAPER_DEFAULTS['vit'][key]}"
     parser = argparse.ArgumentParser("DINO pre-training (SSLight recipes)",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    r = parser.add_argument_group("run")
-    r.add_argument("--arch", default="resnet18", choices=backbones.ARCHS,
-                   help="paper: mobilenet_v2, resnet18/34, vit_tiny")
-    r.add_argument("--data", default="synthetic", help=views.DATA_HELP)
-    r.add_argument("--output-dir", default=None, help="default runs/dino-<arch>; a rerun resumes from its checkpoint")
-    r.add_argument("--epochs", type=int, default=PAPER_EPOCHS, help="paper 200. More on a finished run extends it")
-    r.add_argument("--batch-size", type=int, default=128, help="per process; paper 128 x 8 GPUs = 1024")
-    r.add_argument("--workers", type=int, default=None,
-                   help="loader processes per process; default: the node's cores / processes per node, at most 8")
-    r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    r.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="autocast: auto = bf16 on GPUs of compute capability >= 8.0, fp16 (+ GradScaler) below, "
-                        "off on the CPU; the paper trained in fp32. off: fp32 matmuls (cuDNN convs stay TF32)")
-    r.add_argument("--compile", action="store_true",
-                   help="torch.compile the student and the teacher (off until measured on a GPU)")
-    r.add_argument("--log-every", type=int, default=20, help="steps between progress updates (each is one host sync)")
-    r.add_argument("--export", default=None, metavar="PATH",
-                   help="write the teacher backbone's state_dict (torchvision's format for CNNs) to PATH at the end; "
-                        "on a finished run only --output-dir is needed")
-    r.add_argument("--eval-data", default=None, help="kNN monitor (k 20, T 0.07): a root with train/ and val/ "
-                                                     "image folders, cifar10, or synthetic; epoch 0 = untrained")
-    r.add_argument("--eval-every", type=int, default=1, help="epochs between kNN evaluations (and the last one)")
+    run_arg = parser.add_argument_group("run").add_argument
+    run_arg("--arch", default="resnet18", choices=backbones.ARCHS,
+            help="paper: mobilenet_v2, resnet18/34, vit_tiny")
+    run_arg("--data", default="synthetic", help=views.DATA_HELP)
+    run_arg("--output-dir", help="default runs/dino-<arch>; a rerun resumes from its checkpoint")
+    run_arg("--epochs", type=int, default=PAPER_EPOCHS, help="paper 200; more extends a run")
+    run_arg("--batch-size", type=int, default=128, help="per process; paper 128 x 8 GPUs = 1024")
+    run_arg("--workers", type=int, help="loader processes; default: cores / processes, <= 8")
+    run_arg("--seed", type=int, default=0)
+    run_arg("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    run_arg("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+            help="auto: bf16 from compute capability 8.0, fp16 below, off on CPUs; the paper: fp32")
+    run_arg("--compile", action="store_true", help="torch.compile the student and the teacher")
+    run_arg("--log-every", type=int, default=20, help="steps between updates (each one host sync)")
+    run_arg("--export", metavar="PATH", help="write the teacher backbone to PATH at the end")
+    run_arg("--eval-data", help="kNN monitor (k 20, T 0.07): a root with train/ and val/, cifar10, "
+            "or synthetic; epoch 0 = untrained")
+    run_arg("--eval-every", type=int, default=1, help="epochs between kNN evaluations")
     views.add_view_args(parser)
-    m = parser.add_argument_group("DINO head and loss (None = the paper's value for the arch)")
-    m.add_argument("--out-dim", type=int, default=None, help="prototypes K: CNN 4096, ViT 65536")
-    m.add_argument("--use-bn-in-head", type=int, choices=[0, 1], default=None, help="BN after the hidden layers: CNN 1")
-    m.add_argument("--norm-last-layer", type=int, choices=[0, 1], default=None,
-                   help="freeze the weight-norm gain of the last layer: CNN 1, ViT 0 (0 is better but can be unstable)")
-    m.add_argument("--student-temp", type=float, default=0.1)
-    m.add_argument("--teacher-temp", type=float, default=0.07, help="final teacher temperature; above 0.07 is unstable")
-    m.add_argument("--warmup-teacher-temp", type=float, default=0.04, help="start of the teacher-temperature ramp")
-    m.add_argument("--warmup-teacher-temp-epochs", type=int, default=None,
-                   help="CNN 50, ViT 30 of 200 epochs; a shorter run keeps the same fraction (25%% / 15%%)")
-    m.add_argument("--center-momentum", type=float, default=0.9)
-    m.add_argument("--momentum-teacher", type=float, default=0.996,
-                   help="EMA start, cosine to 1. A run of a few hundred steps needs ~0.99 for the teacher to move")
-    m.add_argument("--freeze-last-layer", type=int, default=1, help="epochs in which the last layer gets no update")
-    o = parser.add_argument_group("optimisation")
-    o.add_argument("--optimizer", default=None, choices=["lars", "adamw", "sgd"], help="CNN lars, ViT adamw")
-    o.add_argument("--lr", type=float, default=None,
-                   help="base lr per 256 images (peak = lr * global batch / 256): CNN 0.48 (1.92 at 1024), ViT 5e-4")
-    o.add_argument("--min-lr", type=float, default=None, help="end of the cosine: CNN 0.0048, ViT 1e-5 (not scaled)")
-    o.add_argument("--warmup-epochs", type=float, default=None,
-                   help="linear lr warm-up from 0: the paper's 10 of 200 epochs, 5%% of a shorter run")
-    o.add_argument("--weight-decay", type=float, default=None, help="CNN 1e-6 constant, ViT cosine 0.04 -> 0.4")
-    o.add_argument("--weight-decay-end", type=float, default=None)
-    o.add_argument("--clip-grad", type=float, default=0.0, help="per-parameter gradient-norm clip; the paper: none (0)")
-    o.add_argument("--drop-path", type=float, default=None, help="student stochastic depth: ViT 0.1")
+    loss_arg = parser.add_argument_group("DINO head and loss (None = the paper's)").add_argument
+    loss_arg("--out-dim", type=int, help="prototypes K: " + paper("out_dim"))
+    loss_arg("--use-bn-in-head", type=int, choices=[0, 1], help=paper("use_bn_in_head"))
+    loss_arg("--norm-last-layer", type=int, choices=[0, 1],
+             help="freeze the last layer's weight-norm gain: " + paper("norm_last_layer"))
+    loss_arg("--student-temp", type=float, default=0.1)
+    loss_arg("--teacher-temp", type=float, default=0.07, help="final; above 0.07 is unstable")
+    loss_arg("--warmup-teacher-temp", type=float, default=0.04, help="start of the linear ramp")
+    loss_arg("--warmup-teacher-temp-epochs", type=int,
+             help=paper("warmup_teacher_temp_epochs") + " of 200 epochs, or that share of the run")
+    loss_arg("--center-momentum", type=float, default=0.9)
+    loss_arg("--momentum-teacher", type=float, default=0.996,
+             help="EMA start, cosine to 1; a run of a few hundred steps needs ~0.99")
+    loss_arg("--freeze-last-layer", type=int, default=1, help="epochs without last-layer updates")
+    opt_arg = parser.add_argument_group("optimisation").add_argument
+    opt_arg("--optimizer", choices=["lars", "adamw", "sgd"], help=paper("optimizer"))
+    opt_arg("--lr", type=float, help="per 256 images (x global batch / 256): " + paper("lr"))
+    opt_arg("--min-lr", type=float, help="end of the cosine (not scaled): " + paper("min_lr"))
+    opt_arg("--warmup-epochs", type=float, help="lr warm-up: 10 of 200 epochs, 5%% of shorter runs")
+    opt_arg("--weight-decay", type=float, help=paper("weight_decay") + ", cosine to the end value")
+    opt_arg("--weight-decay-end", type=float, help=paper("weight_decay_end"))
+    opt_arg("--clip-grad", type=float, default=0.0, help="per-parameter norm clip; the paper: 0")
+    opt_arg("--drop-path", type=float, help="the student's stochastic depth: " + paper("drop_path"))
     return parser
 
 
 def resolve_config(args, given, world_size, saved=None):
-    """The run's whole configuration, once: flags + the paper's per-arch defaults + the view recipe.
-    On a resume it is the checkpoint's, with the flags typed now checked against it."""
+    """Flags + the paper's per-arch defaults + the view recipe; on a resume, the checkpoint's."""
     if saved is not None:
         return resumed_config(saved, vars(args), given, world_size, THIS_RUN, RESUMABLE)
     config = dict(vars(args), world_size=world_size)
-    for key, value in PAPER_DEFAULTS["vit" if backbones.is_vit(args.arch) else "cnn"].items():
-        if config[key] is None:
-            config[key] = value
-    short = min(1.0, args.epochs / PAPER_EPOCHS)  # warm-ups keep the fraction of the run they have in the paper
+    is_vit = backbones.is_vit(args.arch)
+    defaults = PAPER_DEFAULTS["vit" if is_vit else "cnn"]
+    config.update({key: value for key, value in defaults.items() if config[key] is None})
+    short = min(1.0, args.epochs / PAPER_EPOCHS)  # warm-ups keep their fraction of the paper's run
     if args.warmup_epochs is None:
         config["warmup_epochs"] = 10 * short
     if args.warmup_teacher_temp_epochs is None:
         config["warmup_teacher_temp_epochs"] = round(config["warmup_teacher_temp_epochs"] * short)
-    recipe = views.recipe_from_flags("dino", args, backbones.is_vit(args.arch), backbones.PATCH_SIZE)
+    recipe = views.recipe_from_flags("dino", args, is_vit, backbones.PATCH_SIZE)
     config.update(views.resolved_view_flags(recipe))
     for name in ("epochs", "batch_size", "out_dim", "log_every", "eval_every"):
         if config[name] < 1:
@@ -123,14 +115,9 @@ def resolve_config(args, given, world_size, saved=None):
     return types.SimpleNamespace(**config)
 
 
-# ----------------------------------------------------------------------------------------------
-# Model: backbone + DINO projection head
-# ----------------------------------------------------------------------------------------------
-
 class WeightNormLinear(nn.Module):
-    """Linear(in, out, bias=False) with weight = g * v / ||v|| per output row: the parameters (weight_g,
-    weight_v) of nn.utils.weight_norm, written out as that API is deprecated. With g frozen at 1 it is a
-    pure cosine layer (norm_last_layer)."""
+    """Linear without bias, weight = g * v / ||v|| per row: nn.utils.weight_norm's (deprecated)
+    parameters written out. With g frozen at 1 it is a cosine layer (norm_last_layer)."""
 
     def __init__(self, in_dim, out_dim, freeze_gain):
         super().__init__()
@@ -142,55 +129,51 @@ class WeightNormLinear(nn.Module):
 
 
 class DINOHead(nn.Module):
-    """in -> 2048 -> 2048 -> 256 MLP (GELU; BN after the hidden layers for CNNs), L2-normalised 256-d
-    bottleneck, then a weight-normalised Linear(256 -> K) without bias."""
+    """MLP in -> 2048 -> 2048 -> 256 (GELU, BN for CNNs), L2-normalised, WeightNormLinear to K."""
 
-    def __init__(self, in_dim, out_dim, use_bn, norm_last_layer, hidden_dim=2048, bottleneck_dim=256):
+    def __init__(self, in_dim, out_dim, use_bn, norm_last_layer, hidden_dim=2048,
+                 bottleneck_dim=256):
         super().__init__()
         layers = []
         for d_in, d_out in [(in_dim, hidden_dim), (hidden_dim, hidden_dim)]:
-            layers += [nn.Linear(d_in, d_out)] + ([nn.BatchNorm1d(d_out)] if use_bn else []) + [nn.GELU()]
+            layers += [nn.Linear(d_in, d_out)] + ([nn.BatchNorm1d(d_out)] if use_bn else [])
+            layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers, nn.Linear(hidden_dim, bottleneck_dim))
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):
                 nn.init.trunc_normal_(layer.weight, std=0.02)
                 nn.init.zeros_(layer.bias)
-        # Created after the init loop: it keeps PyTorch's default Linear init, as in the paper's code.
+        # made after the init loop: PyTorch's default Linear init, as in the paper's code
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, freeze_gain=norm_last_layer)
 
     def forward(self, x):
         bottleneck = F.normalize(self.mlp(x), dim=-1)
-        # The K logits in fp32 even under autocast: the teacher's softmax at T = 0.04 would otherwise
-        # see them rounded to bf16 (8 bits of mantissa). One small matmul, cheap.
+        # The K logits in fp32 under autocast: bf16 would round the teacher's softmax at T = 0.04.
         with torch.autocast(x.device.type, enabled=False):
             return self.last_layer(bottleneck.float())
 
 
 class DINONet(nn.Module):
+    """The backbone once per crop resolution, the head once on all (DINO's MultiCropWrapper)."""
+
     def __init__(self, backbone, head):
         super().__init__()
         self.backbone, self.head = backbone, head
 
     def forward(self, crops):
-        # The backbone once per resolution group, the head once on everything (official DINO MultiCropWrapper).
         return self.head(backbones.multicrop_features(self.backbone, crops))
 
 
 def build_dino_net(arch, out_dim, use_bn_in_head, norm_last_layer, drop_path=0.0):
     backbone = backbones.build_backbone(arch, drop_path_rate=drop_path)
-    return DINONet(backbone, DINOHead(backbone.feat_dim, out_dim, bool(use_bn_in_head), bool(norm_last_layer)))
+    head = DINOHead(backbone.feat_dim, out_dim, bool(use_bn_in_head), bool(norm_last_layer))
+    return DINONet(backbone, head)
 
-
-# ----------------------------------------------------------------------------------------------
-# Loss: cross-entropy between the centred, sharpened teacher and the student, SSLight-weighted
-# ----------------------------------------------------------------------------------------------
 
 class DINOLoss(nn.Module):
-    """alpha * mean(global-global CE) + beta * mean(global-local CE)   (the paper's re-balanced loss, Sec. 3.3.4)
-
-    gg pairs: (teacher g1, student g2), (teacher g2, student g1)          -> n_gg = 2
-    gl pairs: every teacher global view with every student local view    -> n_gl = 2 * n_local
-    With alpha = 1/(1+n_local) this is official DINO's plain average over all 2 * (n_crops - 1) pairs.
+    """alpha * mean(global-global CE) + beta * mean(global-local CE), SSLight's Sec. 3.3.4.
+    gg: (teacher g1, student g2), (teacher g2, student g1); gl: each teacher global view with each
+    student local view. alpha = 1/(1+n_local) is official DINO's plain mean over all pairs.
     Outputs are view-major: rows [v * B, (v + 1) * B) belong to view v."""
 
     def __init__(self, out_dim, local_crops, alpha, beta, student_temp=0.1, center_momentum=0.9):
@@ -200,28 +183,29 @@ class DINOLoss(nn.Module):
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     def forward(self, student_out, teacher_out, teacher_temp):
-        """-> (loss, collapse signals: entropies of the teacher's and the student's global outputs)."""
-        n_views = 2 + self.local_crops
-        # (views, batch, K): row v * B + b of the outputs is image b seen in view v.
-        student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1).unflatten(0, (n_views, -1))
-        teacher_p = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().unflatten(0, (2, -1))
-        # ce[t, v] = mean over the batch of -sum_k p_teacher(view t) * log p_student(view v). Elementwise in
-        # fp32, as official DINO: a matmul here would run in bf16 under autocast.
+        """-> (loss, (entropy of the teacher's outputs, of the student's global outputs))."""
+        student_logp = F.log_softmax(student_out.float() / self.student_temp, dim=-1)
+        student_logp = student_logp.unflatten(0, (2 + self.local_crops, -1))  # (views, batch, K)
+        teacher_p = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1)
+        teacher_p = teacher_p.detach().unflatten(0, (2, -1))
+        # ce[t, v] = batch mean of -sum_k p_teacher(t) log p_student(v), elementwise in fp32 as in
+        # official DINO (a matmul would run in bf16 under autocast)
         ce = torch.stack([-(teacher_p[t] * student_logp).sum(-1).mean(-1) for t in range(2)])
         loss = (ce[0, 1] + ce[1, 0]) / 2
         if self.local_crops:
             loss = self.alpha * loss + self.beta * ce[:, 2:].sum() / (2 * self.local_crops)
-        with torch.no_grad():  # a flat teacher (entropy ~ ln K) is DINO's collapse to the uniform distribution
+        with torch.no_grad():  # a flat teacher (entropy ~ ln K) is DINO's collapse to uniform
             teacher_entropy = -(teacher_p * teacher_p.clamp_min(1e-12).log()).sum(-1).mean()
             student_entropy = -(student_logp[:2].exp() * student_logp[:2]).sum(-1).mean()
         return loss, (teacher_entropy, student_entropy)
 
     @torch.no_grad()
     def update_center(self, teacher_out):
-        """c <- m * c + (1 - m) * the mean raw teacher output over both global views and ALL processes
-        (the all-reduce that ports of DINO forget)."""
-        batch_sum = all_reduce_sum(teacher_out.float().sum(dim=0, keepdim=True))
-        world_size = dist.get_world_size() if is_distributed() else 1
+        """c <- m * c + (1 - m) * the mean teacher output of both global views on ALL processes."""
+        batch_sum = teacher_out.float().sum(dim=0, keepdim=True)
+        if dist.is_initialized():
+            dist.all_reduce(batch_sum)
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.center.mul_(self.center_momentum).add_(batch_sum / (len(teacher_out) * world_size),
                                                     alpha=1 - self.center_momentum)
 
@@ -240,7 +224,7 @@ def ema_update(ema_params, params, momentum):
 
 
 def clip_gradients(params, clip):
-    """Official DINO clips every parameter's gradient to norm <= clip separately (not one global norm)."""
+    """Official DINO clips each parameter's gradient to norm <= clip (not one global norm)."""
     grads = [p.grad for p in params if p.grad is not None]
     scales = (clip / (torch.stack(torch._foreach_norm(grads)) + 1e-6)).clamp(max=1.0)
     torch._foreach_mul_(grads, scales.unbind())
@@ -292,10 +276,6 @@ class LARS(torch.optim.Optimizer):
             torch._foreach_add_(params, buffers, alpha=-group["lr"])
 
 
-# ----------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------
-
 def main(argv=None):
     parser = get_args_parser()
     args = parser.parse_args(argv)
@@ -304,54 +284,57 @@ def main(argv=None):
     output_dir = args.output_dir or os.path.join("runs", f"dino-{args.arch}")
     checkpoint_path = os.path.join(output_dir, "checkpoint.pth")
     checkpoint = load_checkpoint(checkpoint_path)
-    config = resolve_config(args, given_flags(parser, argv), world_size, checkpoint and checkpoint["config"])
+    saved = checkpoint and checkpoint["config"]
+    config = resolve_config(args, given_flags(parser, argv), world_size, saved)
     if config.export:
         check_export_path(config.export)
     config.amp, amp_note = resolve_amp(config.amp, device)
     config.workers = loader_workers(config.workers)
-    amp = config.amp
-    done = checkpoint["epoch"] if checkpoint else 0
-    if checkpoint and config.epochs < done:
-        raise UserError(f"{checkpoint_path} has {done} finished epochs; --epochs {config.epochs} cannot shorten it")
-    if checkpoint and done == config.epochs:
-        log(f"this run is finished: {done} epochs; checkpoint {checkpoint_path}, log {output_dir}/log.jsonl")
+    done, epochs = (checkpoint["epoch"] if checkpoint else 0), config.epochs
+    if checkpoint and epochs < done:
+        raise UserError(f"{checkpoint_path} has {done} finished epochs; --epochs {epochs} cannot "
+                        "shorten it")
+    if checkpoint and done == epochs:
+        log(f"this run is finished: {done} epochs; checkpoint {checkpoint_path}, log {output_dir}"
+            "/log.jsonl")
         if config.export and rank == 0:
             backbones.export_backbone(checkpoint["teacher"], config.export, config.arch)
         return dict(checkpoint=checkpoint)
-    if checkpoint and config.epochs != checkpoint["config"]["epochs"]:
-        log(f"extending the run from {checkpoint['config']['epochs']} to {config.epochs} epochs: "
-            f"the lr, weight-decay and momentum schedules are recomputed for {config.epochs}")
+    if checkpoint and epochs != saved["epochs"]:
+        log(f"extending the run from {saved['epochs']} to {epochs} epochs: the lr, weight-decay "
+            f"and momentum schedules are recomputed for {epochs}")
     alpha, beta = config.loss_weights
-    log(f"DINO {config.arch} | {world_size} process(es) on {device}, amp {amp} {amp_note}| views: global "
-        f"{config.global_size}px {config.global_scale}, {config.local_crops} local {config.local_size}px "
-        f"{config.local_scale}, loss weights gg {alpha:.3f} gl {beta:.3f}")
+    log(f"DINO {config.arch} | {world_size} process(es) on {device}, amp {config.amp} {amp_note}| "
+        f"views: global {config.global_size}px {config.global_scale}, {config.local_crops} local "
+        f"{config.local_size}px {config.local_scale}, loss weights gg {alpha:.3f} gl {beta:.3f}")
     log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(config).items())))
 
-    # ============ data (every path and size is checked before the first step) ============
-    recipe = views.recipe_from_flags("dino", config, backbones.is_vit(config.arch), backbones.PATCH_SIZE)
+    # ============ data: every path and size is checked before the first step ============
+    recipe = views.recipe_from_flags("dino", config, backbones.is_vit(config.arch),
+                                     backbones.PATCH_SIZE)
     if rank != 0:
         barrier()  # rank 0 downloads a named data set first
     transform, collate, view_sampler = views.view_pipeline(recipe, config.views_on)
     dataset = views.build_dataset(config.data, transform, download=rank == 0)
     eval_transform = views.eval_transform(config.global_size)
-    eval_sets = config.eval_data and views.build_eval_datasets(config.eval_data, eval_transform, download=rank == 0)
+    eval_sets = config.eval_data and views.build_eval_datasets(config.eval_data, eval_transform,
+                                                               download=rank == 0)
     if rank == 0:
         barrier()
-    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=config.seed,
-                                                  drop_last=True)
-    loader = torch.utils.data.DataLoader(dataset, config.batch_size, sampler=sampler, num_workers=config.workers,
-                                         collate_fn=collate,
-                                         pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=config.workers > 0,
-                                         prefetch_factor=2 if config.workers > 0 else None)
-    iters_per_epoch = len(loader)
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True,
+                                                  seed=config.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, config.batch_size, sampler=sampler, num_workers=config.workers, collate_fn=collate,
+        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=config.workers > 0)
+    iters_per_epoch, global_batch = len(loader), config.batch_size * world_size
     if iters_per_epoch == 0:
-        raise UserError(f"{len(dataset)} images give {len(sampler)} per process, fewer than --batch-size "
-                        f"{config.batch_size}")
+        raise UserError(f"{len(dataset)} images give {len(sampler)} per process, fewer than "
+                        f"--batch-size {config.batch_size}")
     if checkpoint and checkpoint["num_images"] != len(dataset):
-        raise UserError(f"--data {config.data} now has {len(dataset)} images, the run was trained on "
-                        f"{checkpoint['num_images']}: use the same data or another --output-dir")
-    log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {config.batch_size} x {world_size}")
+        raise UserError(f"--data {config.data} now has {len(dataset)} images, the run was trained "
+                        f"on {checkpoint['num_images']}: use the same data or another --output-dir")
+    log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {config.batch_size} x "
+        f"{world_size}")
     if rank == 0:  # every check has passed: the run folder is made (and locked) only now
         lock_output_dir(output_dir)
 
@@ -359,129 +342,139 @@ def main(argv=None):
     dino_net = lambda drop_path: build_dino_net(config.arch, config.out_dim, config.use_bn_in_head,
                                                 config.norm_last_layer, drop_path)
     memory_format = backbones.memory_format(config.arch, device)
-    # SyncBN for the teacher too: it runs in train mode, its BN uses batch statistics.
-    to_device = lambda net: backbones.sync_batchnorm(net, device, world_size).to(device, memory_format=memory_format)
-    student, teacher = to_device(dino_net(config.drop_path)), to_device(dino_net(0.0))  # teacher: no drop path
+    # SyncBN in the teacher too: it runs in train mode, its BN uses batch statistics.
+    to_device = lambda net: backbones.sync_batchnorm(net, device, world_size).to(
+        device, memory_format=memory_format)
+    student, teacher = to_device(dino_net(config.drop_path)), to_device(dino_net(0.0))
     # DDP broadcasts rank 0's student to every rank; the teacher starts as a copy of that student.
     student_ddp = nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
-    # --compile: the forward passes compiled; `student` and `teacher` keep the state dicts and the EMA.
-    student_fwd, teacher_fwd = (torch.compile(m) if config.compile else m for m in (student_ddp, teacher))
+    # --compile compiles the forwards; `student` and `teacher` keep the state dicts and the EMA.
+    student_fwd, teacher_fwd = (torch.compile(m) if config.compile else m
+                                for m in (student_ddp, teacher))
     teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)  # no backprop through the teacher: it is an EMA of the student
+    teacher.requires_grad_(False)  # an EMA of the student, never trained by backprop
     dino_loss = DINOLoss(config.out_dim, config.local_crops, alpha, beta, config.student_temp,
                          config.center_momentum).to(device)
 
-    # ============ optimizer and schedules (one value per iteration, the teacher temperature per epoch) ============
+    # ============ optimizer and schedules (per step; the teacher temperature per epoch) ===========
     groups = param_groups([student])
-    if config.optimizer == "lars":
-        optimizer = LARS(groups)
-    elif config.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=0.0, momentum=0.9)
-    else:
-        optimizer = torch.optim.AdamW(groups, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    optimizer = (LARS(groups) if config.optimizer == "lars" else
+                 torch.optim.SGD(groups, lr=0.0, momentum=0.9) if config.optimizer == "sgd" else
+                 torch.optim.AdamW(groups, fused=device.type == "cuda"))
+    scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     peak_lr = config.lr * config.batch_size * world_size / 256
-    lr_schedule = cosine_schedule(peak_lr, config.min_lr, config.epochs, iters_per_epoch, config.warmup_epochs)
-    wd_schedule = cosine_schedule(config.weight_decay, config.weight_decay_end, config.epochs, iters_per_epoch)
-    momentum_schedule = cosine_schedule(config.momentum_teacher, 1.0, config.epochs, iters_per_epoch)
+    steps = (epochs, iters_per_epoch)
+    lr_schedule = cosine_schedule(peak_lr, config.min_lr, *steps, config.warmup_epochs)
+    wd_schedule = cosine_schedule(config.weight_decay, config.weight_decay_end, *steps)
+    momentum_schedule = cosine_schedule(config.momentum_teacher, 1.0, *steps)
     teacher_temps = teacher_temp_schedule(config.warmup_teacher_temp, config.teacher_temp,
-                                          min(config.warmup_teacher_temp_epochs, config.epochs), config.epochs)
+                                          min(config.warmup_teacher_temp_epochs, epochs), epochs)
     student_params, teacher_params = list(student.parameters()), list(teacher.parameters())
     last_layer_params = list(student.head.last_layer.parameters())
-    autocast = torch.autocast(device.type, torch.float16 if amp == "fp16" else torch.bfloat16, enabled=amp != "off")
-    knn = lambda: knn_monitor(teacher.backbone, *eval_sets, 256, config.workers, device, rank, world_size, autocast,
-                              memory_format)
+    amp_dtype = torch.float16 if config.amp == "fp16" else torch.bfloat16
+    autocast = torch.autocast(device.type, amp_dtype, enabled=config.amp != "off")
+    knn = lambda: knn_monitor(teacher.backbone, *eval_sets, 256, config.workers, device, rank,
+                              world_size, autocast, memory_format)
 
     # ============ resume, or the untrained network's kNN as epoch 0 ============
+    stateful = dict(student=student, teacher=teacher, optimizer=optimizer, dino_loss=dino_loss)
     if checkpoint:
-        student.load_state_dict(checkpoint["student"])
-        teacher.load_state_dict(checkpoint["teacher"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if checkpoint["scaler"]:  # empty unless saved under fp16 (switching --amp is allowed)
+        for name, state_owner in stateful.items():
+            state_owner.load_state_dict(checkpoint[name])
+        if checkpoint["scaler"]:  # empty unless saved under fp16 (--amp may change)
             scaler.load_state_dict(checkpoint["scaler"])
-        dino_loss.load_state_dict(checkpoint["dino_loss"])
         history = checkpoint["history"]
-        log(f"resumed from {checkpoint_path} after epoch {done} of {config.epochs}")
+        log(f"resumed from {checkpoint_path} after epoch {done} of {epochs}")
     else:
         history = [dict(epoch=0, **knn())] if eval_sets else []
         if history:
             log(f"epoch 0 (untrained): kNN top-1 {history[0]['knn_top1']:.2f} %")
-    if rank == 0:
+    if rank == 0:  # written only once the settings have passed the checks
         with open(os.path.join(output_dir, "args.json"), "w") as f:
-            json.dump(vars(config), f, indent=2)  # written only once the settings have passed the checks
+            json.dump(vars(config), f, indent=2)
 
-    for epoch in range(done, config.epochs):
-        # ============ one epoch of DINO ============
+    # One step: (1) the teacher's forward on the 2 global crops, with its weights from before this
+    # step and no graph (no gradient reaches it); (2) the student's forward on every crop, and the
+    # loss with the centre of the previous steps; (3) backward, clip, the last layer's gradient
+    # dropped while frozen, optimizer step; (4) the EMA after the step, so that the teacher follows
+    # the student just updated; (5) the centre last, moved by this batch's teacher outputs for the
+    # next step's loss (official DINO's order).
+    for epoch in range(done, epochs):
         sampler.set_epoch(epoch)
-        student.train(), teacher.train()  # the teacher stays in train mode: its BN uses batch statistics
-        sums = torch.zeros(4, device=device)  # loss, teacher entropy, student entropy, embedding std
+        student.train(), teacher.train()  # the teacher in train mode too: BN on batch statistics
+        sums = torch.zeros(4, device=device)  # loss, teacher and student entropy, embedding std
         start = time.time()
-        # the copy of the next batch runs beside this step on CUDA
-        bar = tqdm(views.Prefetcher(loader, device), desc=f"epoch {epoch + 1}/{config.epochs}", disable=rank != 0,
-                   dynamic_ncols=True)
+        # Prefetcher: on CUDA the copy of the next batch runs beside this step
+        bar = tqdm(views.Prefetcher(loader, device), desc=f"epoch {epoch + 1}/{epochs}",
+                   disable=rank != 0, dynamic_ncols=True)
         for i, batch in enumerate(bar):
-            it = epoch * iters_per_epoch + i  # global iteration: index into the schedules
+            it = epoch * iters_per_epoch + i  # global step: the index into the schedules
             for group in optimizer.param_groups:
                 group["lr"] = lr_schedule[it]
                 group["weight_decay"] = wd_schedule[it] * group["wd_factor"]
-            crops = views.batch_to_crops(batch, device, memory_format, view_sampler)  # uint8 -> float there
+            crops = views.batch_to_crops(batch, device, memory_format, view_sampler)
 
             with autocast:
-                teacher_out = teacher_fwd(crops[:2])  # only the 2 global views
+                teacher_out = teacher_fwd(crops[:2])
                 student_out = student_fwd(crops)
-                loss, (teacher_entropy, student_entropy) = dino_loss(student_out, teacher_out, teacher_temps[epoch])
-
+                loss, entropies = dino_loss(student_out, teacher_out, teacher_temps[epoch])
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.clip_grad > 0:
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 clip_gradients(student_params, config.clip_grad)
             if epoch < config.freeze_last_layer:
-                for p in last_layer_params:  # None, not zero: no weight decay and no momentum either
+                for p in last_layer_params:  # None, not zero: no weight decay, no momentum either
                     p.grad = None
             scaler.step(optimizer)
             scaler.update()
             ema_update(teacher_params, student_params, momentum_schedule[it])
-            dino_loss.update_center(teacher_out)  # after the loss, which used the previous centre
+            dino_loss.update_center(teacher_out)
 
-            # Collapse signals from tensors at hand: entropies vs ln K, and the per-dimension std of the
-            # L2-normalised teacher output (~1/sqrt(K) when spread, ~0 when every image gives the same).
+            # Collapse signals: the entropies vs ln K, and the per-dimension std of the normalised
+            # teacher output (~1/sqrt(K) when spread, ~0 when every image gives the same).
             embedding_std = F.normalize(teacher_out.float(), dim=1).std(0).mean()
-            sums += torch.stack([loss.detach(), teacher_entropy, student_entropy, embedding_std])
-            del teacher_out, student_out, loss  # free them before the next forward's peak
+            sums += torch.stack([loss.detach(), *entropies, embedding_std])
+            del teacher_out, student_out, loss  # freed before the next forward's peak
             if (i + 1) % config.log_every == 0 or i + 1 == iters_per_epoch:  # the one host sync
                 means = (all_reduce_sum(sums.clone()) / ((i + 1) * world_size)).tolist()
                 if not math.isfinite(means[0]):
-                    kept = f"{checkpoint_path} (epoch {epoch}) is kept" if epoch else "no checkpoint yet"
-                    raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; {kept}. "
-                                     + ("Try a lower --lr" if amp == "off" else "Try --amp off or a lower --lr"))
-                bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr_schedule[it]:.2e}",
-                                img_s=round((i + 1) * config.batch_size * world_size / (time.time() - start), 1))
+                    kept = (f"{checkpoint_path} (epoch {epoch}) is kept" if epoch
+                            else "no checkpoint yet")
+                    amp_off = "" if config.amp == "off" else "--amp off or "
+                    raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; "
+                                     f"{kept}. Try {amp_off}a lower --lr")
+                img_s = round((i + 1) * global_batch / (time.time() - start), 1)
+                bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr_schedule[it]:.2e}", img_s=img_s)
 
         # ============ end of epoch: record, monitor, checkpoint ============
         ln_k = math.log(config.out_dim)
-        record = dict(epoch=epoch + 1, loss=means[0], teacher_entropy=means[1], student_entropy=means[2], ln_k=ln_k,
-                      embedding_std=means[3], lr=lr_schedule[it], wd=wd_schedule[it], teacher_temp=teacher_temps[epoch],
-                      momentum=momentum_schedule[it], img_per_s=round(iters_per_epoch * config.batch_size * world_size
-                                                                      / (time.time() - start), 1))
-        if eval_sets and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
+        record = dict(epoch=epoch + 1, loss=means[0], teacher_entropy=means[1],
+                      student_entropy=means[2], ln_k=ln_k, embedding_std=means[3],
+                      lr=lr_schedule[it], wd=wd_schedule[it], teacher_temp=teacher_temps[epoch],
+                      momentum=momentum_schedule[it],
+                      img_per_s=round(iters_per_epoch * global_batch / (time.time() - start), 1))
+        if eval_sets and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == epochs):
             record.update(knn())
         history.append(record)
         untrained = f" (untrained {history[0]['knn_top1']:.2f})" if history[0]["epoch"] == 0 else ""
-        log(f"epoch {epoch + 1}/{config.epochs}: loss {means[0]:.4f} (ln K {ln_k:.3f}), teacher entropy {means[1]:.3f}"
-            + (f", kNN top-1 {record['knn_top1']:.2f} %{untrained}" if "knn_top1" in record else ""))
+        top1 = f", kNN top-1 {record['knn_top1']:.2f} %{untrained}" if "knn_top1" in record else ""
+        log(f"epoch {epoch + 1}/{epochs}: loss {means[0]:.4f} (ln K {ln_k:.3f}), teacher entropy "
+            f"{means[1]:.3f}{top1}")
         if means[1] > 0.99 * ln_k:
-            log(f"collapse: the teacher's output is uniform (entropy {means[1]:.3f} of ln K {ln_k:.3f}) and the loss "
-                "sits at ln K. Usually fixed by a lower --teacher-temp / --warmup-teacher-temp, a lower "
-                "--momentum-teacher for short runs, a lower --lr, or a smaller --out-dim")
+            log(f"collapse: the teacher's output is uniform (entropy {means[1]:.3f} of ln K "
+                f"{ln_k:.3f}) and the loss sits at ln K. Usually fixed by a lower --teacher-temp / "
+                "--warmup-teacher-temp, a lower --momentum-teacher for short runs, a lower --lr, "
+                "or a smaller --out-dim")
         elif means[3] < 0.05 / math.sqrt(config.out_dim):
-            log(f"collapse: every image gives the same teacher output (per-dimension std {means[3]:.2e}); try a higher "
-                "--center-momentum, a lower --lr or a higher --teacher-temp")
+            log("collapse: every image gives the same teacher output (per-dimension std "
+                f"{means[3]:.2e}); try a higher --center-momentum, a lower --lr or a higher "
+                "--teacher-temp")
         if rank == 0:
-            save_checkpoint(dict(method="dino", config=vars(config), epoch=epoch + 1, num_images=len(dataset),
-                                 history=history, student=student.state_dict(), teacher=teacher.state_dict(),
-                                 optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                                 dino_loss=dino_loss.state_dict()), checkpoint_path)
+            states = {name: state_owner.state_dict() for name, state_owner in stateful.items()}
+            save_checkpoint(dict(method="dino", config=vars(config), epoch=epoch + 1,
+                                 num_images=len(dataset), history=history,
+                                 scaler=scaler.state_dict(), **states), checkpoint_path)
             write_log(os.path.join(output_dir, "log.jsonl"), history)
 
     if config.export and rank == 0:
