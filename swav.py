@@ -680,27 +680,20 @@ def write_log(path, records):
 def extract_features(feature_fn, dataset, batch_size, workers, device, rank, world_size, autocast,
                      memory_format=torch.contiguous_format):
     """Features of the whole `dataset`, in its order, on every rank: rank r extracts the images
-    r, r + W, r + 2W, ... (no rank idles into the NCCL timeout), then all ranks gather them."""
-    shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
-    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=workers,
+    r, r + W, r + 2W, ... (DistributedSampler pads the last round with the first images, so that
+    no rank idles into the NCCL timeout or has none), then all ranks gather them."""
+    sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     features, labels = [], []
     for images, targets in loader:
         with autocast:
             features.append(feature_fn(views.normalize(images, device, memory_format)).float())
         labels.append(torch.as_tensor(targets).to(device))
-    if features:
-        features, labels = torch.cat(features), torch.cat(labels).long()
-    else:  # fewer images than processes: this rank's shard is empty
-        with autocast:
-            dim = feature_fn(views.normalize(dataset[0][0][None], device, memory_format)).shape[1]
-        features = torch.zeros(0, dim, device=device)
-        labels = torch.zeros(0, dtype=torch.long, device=device)
-    per_rank = math.ceil(len(dataset) / world_size)  # pad the shards to one length
-    pad = lambda t: torch.cat([t, t.new_zeros((per_rank - len(t),) + t.shape[1:])])
-    gather = lambda t: (all_gather_cat(pad(t)).view(world_size, per_rank, *t.shape[1:])
-                        .transpose(0, 1).flatten(0, 1)[:len(dataset)])
-    return gather(features), gather(labels)
+    # (rank, position) -> position-major: the dataset's order, then the padding dropped
+    in_order = lambda parts: (all_gather_cat(torch.cat(parts)).unflatten(0, (world_size, -1))
+                              .transpose(0, 1).flatten(0, 1)[:len(dataset)])
+    return in_order(features), in_order(labels).long()
 
 
 @torch.no_grad()

@@ -104,7 +104,7 @@ def test_features_in_eval_mode_restore_the_mode():
 
 
 def test_extract_features_with_an_empty_shard(monkeypatch):
-    # 1 image, 2 processes: rank 1 gets no image (issue 13). Each rank's all_gather_cat is simulated with what the
+    # 1 image, 2 processes: rank 1's shard is only the sampler's padding (issue 13). Each rank's all_gather_cat is simulated with what the
     # other rank sends: rank 0 runs first and records its tensors, rank 1 receives them.
     torch.manual_seed(0)
     backbone = TinyBackbone().eval()
