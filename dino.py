@@ -4,8 +4,7 @@ output, and the teacher is an EMA of the student. SSLight changes only the crops
 (views.py). Defaults: the paper's (SSLight's exp_yamls/dino). Output: <output-dir>/{args.json,
 log.jsonl, checkpoint.pth}; a rerun resumes.
 
-    python dino.py                                     # the CPU demo on the built-in synthetic set
-    torchrun --nproc_per_node=8 dino.py --arch vit_tiny --local-crops 10 --data /path/imagenet/train
+    torchrun --nproc_per_node=8 dino.py --arch vit_tiny --data /path/imagenet/train
 """
 import argparse
 import fcntl
@@ -45,7 +44,7 @@ RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}
 
 def get_args_parser():
     paper = lambda key: f"CNN {PAPER_DEFAULTS['cnn'][key]}, ViT {PAPER_DEFAULTS['vit'][key]}"
-    parser = argparse.ArgumentParser("DINO pre-training (SSLight recipes)",
+    parser = argparse.ArgumentParser(description="DINO pre-training (SSLight recipes)",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     run_arg = parser.add_argument_group("run").add_argument
     run_arg("--arch", default="resnet18", choices=backbones.ARCHS,
@@ -62,8 +61,7 @@ def get_args_parser():
     run_arg("--compile", action="store_true", help="torch.compile the student and the teacher")
     run_arg("--log-every", type=int, default=20, help="steps between updates (each one host sync)")
     run_arg("--export", metavar="PATH", help="write the teacher backbone to PATH at the end")
-    run_arg("--eval-data", help="kNN monitor (k 20, T 0.07): a root with train/ and val/, cifar10, "
-            "or synthetic; epoch 0 = untrained")
+    run_arg("--eval-data", help="kNN monitor (k 20, T 0.07): DIR/{train,val} or a --data name")
     run_arg("--eval-every", type=int, default=1, help="epochs between kNN evaluations")
     views.add_view_args(parser)
     loss_arg = parser.add_argument_group("DINO head and loss (None = the paper's)").add_argument
@@ -134,11 +132,10 @@ class DINOHead(nn.Module):
     def __init__(self, in_dim, out_dim, use_bn, norm_last_layer, hidden_dim=2048,
                  bottleneck_dim=256):
         super().__init__()
-        layers = []
-        for d_in, d_out in [(in_dim, hidden_dim), (hidden_dim, hidden_dim)]:
-            layers += [nn.Linear(d_in, d_out)] + ([nn.BatchNorm1d(d_out)] if use_bn else [])
-            layers.append(nn.GELU())
-        self.mlp = nn.Sequential(*layers, nn.Linear(hidden_dim, bottleneck_dim))
+        norm = lambda: [nn.BatchNorm1d(hidden_dim)] if use_bn else []
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), *norm(), nn.GELU(),
+                                 nn.Linear(hidden_dim, hidden_dim), *norm(), nn.GELU(),
+                                 nn.Linear(hidden_dim, bottleneck_dim))
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):
                 nn.init.trunc_normal_(layer.weight, std=0.02)
@@ -292,21 +289,15 @@ def main(argv=None):
     config.workers = loader_workers(config.workers)
     done, epochs = (checkpoint["epoch"] if checkpoint else 0), config.epochs
     if checkpoint and epochs < done:
-        raise UserError(f"{checkpoint_path} has {done} finished epochs; --epochs {epochs} cannot "
-                        "shorten it")
+        raise UserError(f"--epochs {epochs} cannot shorten a run of {done} finished epochs")
     if checkpoint and done == epochs:
-        log(f"this run is finished: {done} epochs; checkpoint {checkpoint_path}, log {output_dir}"
-            "/log.jsonl")
+        log(f"this run is finished: {done} epochs; checkpoint.pth and log.jsonl in {output_dir}")
         if config.export and rank == 0:
             backbones.export_backbone(checkpoint["teacher"], config.export, config.arch)
         return dict(checkpoint=checkpoint)
     if checkpoint and epochs != saved["epochs"]:
-        log(f"extending the run from {saved['epochs']} to {epochs} epochs: the lr, weight-decay "
-            f"and momentum schedules are recomputed for {epochs}")
-    alpha, beta = config.loss_weights
-    log(f"DINO {config.arch} | {world_size} process(es) on {device}, amp {config.amp} {amp_note}| "
-        f"views: global {config.global_size}px {config.global_scale}, {config.local_crops} local "
-        f"{config.local_size}px {config.local_scale}, loss weights gg {alpha:.3f} gl {beta:.3f}")
+        log(f"extending the run from {saved['epochs']} to {epochs} epochs: schedules recomputed")
+    log(f"DINO {config.arch} | {world_size} process(es) on {device}, amp {config.amp} {amp_note}")
     log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(config).items())))
 
     # ============ data: every path and size is checked before the first step ============
@@ -316,9 +307,8 @@ def main(argv=None):
         barrier()  # rank 0 downloads a named data set first
     transform, collate, view_sampler = views.view_pipeline(recipe, config.views_on)
     dataset = views.build_dataset(config.data, transform, download=rank == 0)
-    eval_transform = views.eval_transform(config.global_size)
-    eval_sets = config.eval_data and views.build_eval_datasets(config.eval_data, eval_transform,
-                                                               download=rank == 0)
+    eval_sets = config.eval_data and views.build_eval_datasets(
+        config.eval_data, views.eval_transform(config.global_size), download=rank == 0)
     if rank == 0:
         barrier()
     sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True,
@@ -328,13 +318,11 @@ def main(argv=None):
         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=config.workers > 0)
     iters_per_epoch, global_batch = len(loader), config.batch_size * world_size
     if iters_per_epoch == 0:
-        raise UserError(f"{len(dataset)} images give {len(sampler)} per process, fewer than "
-                        f"--batch-size {config.batch_size}")
+        raise UserError(f"--batch-size {config.batch_size}: only {len(sampler)} images per process")
     if checkpoint and checkpoint["num_images"] != len(dataset):
         raise UserError(f"--data {config.data} now has {len(dataset)} images, the run was trained "
                         f"on {checkpoint['num_images']}: use the same data or another --output-dir")
-    log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {config.batch_size} x "
-        f"{world_size}")
+    log(f"{len(dataset)} images, {iters_per_epoch} steps/epoch of {global_batch} images")
     if rank == 0:  # every check has passed: the run folder is made (and locked) only now
         lock_output_dir(output_dir)
 
@@ -353,8 +341,8 @@ def main(argv=None):
                                 for m in (student_ddp, teacher))
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)  # an EMA of the student, never trained by backprop
-    dino_loss = DINOLoss(config.out_dim, config.local_crops, alpha, beta, config.student_temp,
-                         config.center_momentum).to(device)
+    dino_loss = DINOLoss(config.out_dim, config.local_crops, *config.loss_weights,
+                         config.student_temp, config.center_momentum).to(device)
 
     # ============ optimizer and schedules (per step; the teacher temperature per epoch) ===========
     groups = param_groups([student])
@@ -393,18 +381,16 @@ def main(argv=None):
         with open(os.path.join(output_dir, "args.json"), "w") as f:
             json.dump(vars(config), f, indent=2)
 
-    # One step: (1) the teacher's forward on the 2 global crops, with its weights from before this
-    # step and no graph (no gradient reaches it); (2) the student's forward on every crop, and the
-    # loss with the centre of the previous steps; (3) backward, clip, the last layer's gradient
-    # dropped while frozen, optimizer step; (4) the EMA after the step, so that the teacher follows
-    # the student just updated; (5) the centre last, moved by this batch's teacher outputs for the
-    # next step's loss (official DINO's order).
+    # One step, in official DINO's order: (1) the teacher's forward on the 2 global crops, with its
+    # weights from before this step and no graph; (2) the student's forward on every crop, the loss
+    # with the previous steps' centre; (3) backward, clip, the frozen last layer's gradient dropped,
+    # optimizer step; (4) the EMA, so that the teacher follows the student just updated; (5) the
+    # centre last, moved by this batch's teacher outputs for the next step's loss.
     for epoch in range(done, epochs):
         sampler.set_epoch(epoch)
         student.train(), teacher.train()  # the teacher in train mode too: BN on batch statistics
         sums = torch.zeros(4, device=device)  # loss, teacher and student entropy, embedding std
         start = time.time()
-        # Prefetcher: on CUDA the copy of the next batch runs beside this step
         bar = tqdm(views.Prefetcher(loader, device), desc=f"epoch {epoch + 1}/{epochs}",
                    disable=rank != 0, dynamic_ncols=True)
         for i, batch in enumerate(bar):
@@ -439,8 +425,7 @@ def main(argv=None):
             if (i + 1) % config.log_every == 0 or i + 1 == iters_per_epoch:  # the one host sync
                 means = (all_reduce_sum(sums.clone()) / ((i + 1) * world_size)).tolist()
                 if not math.isfinite(means[0]):
-                    kept = (f"{checkpoint_path} (epoch {epoch}) is kept" if epoch
-                            else "no checkpoint yet")
+                    kept = f"epoch {epoch}'s checkpoint is kept" if epoch else "no checkpoint yet"
                     amp_off = "" if config.amp == "off" else "--amp off or "
                     raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; "
                                      f"{kept}. Try {amp_off}a lower --lr")
@@ -457,19 +442,16 @@ def main(argv=None):
         if eval_sets and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == epochs):
             record.update(knn())
         history.append(record)
-        untrained = f" (untrained {history[0]['knn_top1']:.2f})" if history[0]["epoch"] == 0 else ""
-        top1 = f", kNN top-1 {record['knn_top1']:.2f} %{untrained}" if "knn_top1" in record else ""
+        top1 = f", kNN top-1 {record['knn_top1']:.2f} %" if "knn_top1" in record else ""
         log(f"epoch {epoch + 1}/{epochs}: loss {means[0]:.4f} (ln K {ln_k:.3f}), teacher entropy "
             f"{means[1]:.3f}{top1}")
         if means[1] > 0.99 * ln_k:
             log(f"collapse: the teacher's output is uniform (entropy {means[1]:.3f} of ln K "
-                f"{ln_k:.3f}) and the loss sits at ln K. Usually fixed by a lower --teacher-temp / "
-                "--warmup-teacher-temp, a lower --momentum-teacher for short runs, a lower --lr, "
-                "or a smaller --out-dim")
+                f"{ln_k:.3f}) and the loss sits at ln K; try a lower --teacher-temp (and warm-up),"
+                " --lr, --out-dim, or for short runs --momentum-teacher")
         elif means[3] < 0.05 / math.sqrt(config.out_dim):
             log("collapse: every image gives the same teacher output (per-dimension std "
-                f"{means[3]:.2e}); try a higher --center-momentum, a lower --lr or a higher "
-                "--teacher-temp")
+                f"{means[3]:.2e}); try a higher --center-momentum or --teacher-temp, a lower --lr")
         if rank == 0:
             states = {name: state_owner.state_dict() for name, state_owner in stateful.items()}
             save_checkpoint(dict(method="dino", config=vars(config), epoch=epoch + 1,

@@ -36,8 +36,9 @@ MODEL_KEYS = {"dino": None, "moco": "query_encoder", "swav": "model"}  # the one
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Linear probe / kNN / fine-tuning of a pre-trained backbone",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description="Linear probe / kNN / fine-tuning of a pre-trained backbone",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     e = parser.add_argument_group("what to evaluate")
     e.add_argument("--mode", default="linear", choices=list(PROTOCOLS),
                    help="linear: the paper's probe; fast-linear: NOT the paper's, seconds")

@@ -3,10 +3,9 @@
     python moco_v2.py                                  # the CPU demo on the built-in synthetic set
     torchrun --nproc_per_node=8 moco_v2.py --arch mobilenet_v2 --data /path/imagenet/train
 
-Queries [g2, l1..ln] learn to pick their image's key (the momentum encoder's embedding of g1) out
-of K negatives, a queue of past keys (SSLight's model/moco.py); defaults are the paper's
-(exp_yamls/moco). `--recipe classic`: MoCo-v2 as published (official main_moco.py: 2 views, SGD).
-Output: <output-dir>/{args.json, log.jsonl, checkpoint.pth}; a rerun resumes.
+Queries [g2, l1..ln] pick their image's key (the momentum encoder's g1) out of K negatives, a queue
+of past keys (SSLight's model/moco.py); defaults: the paper's (exp_yamls/moco); `--recipe classic`:
+MoCo-v2 as published (main_moco.py). Output: <output-dir>/{args.json, log.jsonl, checkpoint.pth}.
 """
 import argparse
 import fcntl
@@ -43,7 +42,7 @@ RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("MoCo-v2 pre-training (SSLight recipes)",
+    parser = argparse.ArgumentParser(description="MoCo-v2 pre-training (SSLight recipes)",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r = parser.add_argument_group("run")
     r.add_argument("--arch", default="mobilenet_v2", choices=backbones.ARCHS, help="the paper's")
@@ -59,8 +58,7 @@ def get_args_parser():
     r.add_argument("--compile", action="store_true", help="torch.compile the encoders")
     r.add_argument("--log-every", type=int, default=20, help="steps between updates (a host sync)")
     r.add_argument("--export", metavar="PATH", help="write the query backbone's weights to PATH")
-    r.add_argument("--eval-data", help="kNN monitor (k 20, T 0.07): ROOT with train/ and val/, "
-                   "cifar10 or synthetic")
+    r.add_argument("--eval-data", help="kNN monitor, k 20, T 0.07: ROOT/{train,val} or a named set")
     r.add_argument("--eval-every", type=int, default=1, help="epochs between kNN evaluations")
     views.add_view_args(parser)
     m = parser.add_argument_group("MoCo (None = the recipe's value)")
@@ -97,8 +95,7 @@ def resolve_config(args, given, world_size, saved=None):
     if args.warmup_epochs is None:  # the warm-up keeps the fraction of the run it has in the paper
         config["warmup_epochs"] *= min(1.0, args.epochs / PAPER_EPOCHS)
     config.update(views.resolved_view_flags(recipe))
-    positive = ("epochs", "batch_size", "dim", "queue_size", "bn_splits", "log_every", "eval_every")
-    for name in positive:
+    for name in ("epochs", "batch_size", "dim", "bn_splits", "log_every", "eval_every"):
         if config[name] < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {config[name]}")
     if config["lr"] <= 0 or config["temperature"] <= 0 or config["hidden_dim"] < 0:
@@ -110,8 +107,6 @@ def resolve_config(args, given, world_size, saved=None):
                         f"{config['batch_size'] * world_size} (--batch-size x processes)")
     return types.SimpleNamespace(**config)
 
-
-# ---- Model: backbone + MoCo head, and the queue of negatives ----
 
 class MoCoHead(nn.Module):
     """Linear -> ReLU -> Linear, no BN, L2-normalised (SSLight's MOCOHead)."""
@@ -164,11 +159,9 @@ class MoCoQueue(nn.Module):
         self.ptr.copy_((self.ptr + len(keys)) % self.keys.shape[1])
 
 
-# ---- Loss: InfoNCE of every query against the key of g1 and the queue ----
-
 def moco_logits(q, k, queue, temperature):
-    """(n_queries * B, 1 + K) logits / T: column 0 the positive q.k, then q.queue. q is view-major
-    (rows [v * B, (v + 1) * B) are query view v), k is (B, dim), queue (dim, K)."""
+    """InfoNCE logits / T, (n_queries * B, 1 + K): column 0 the positive q.k, then q.queue. q is
+    view-major (rows [v * B, (v + 1) * B) are query view v), k is (B, dim), queue (dim, K)."""
     n_queries = len(q) // len(k)
     positive = (q.view(n_queries, len(k), -1) * k).sum(-1).reshape(-1, 1)
     return torch.cat([positive, q @ queue], dim=1) / temperature
@@ -178,9 +171,7 @@ def moco_loss(logits, n_queries, alpha, beta):
     """alpha * CE(g2) + beta * mean_i CE(local_i), target index 0 (SSLight's MOCOLoss)."""
     target = torch.zeros(len(logits), dtype=torch.long, device=logits.device)
     ce = F.cross_entropy(logits.float(), target, reduction="none").view(n_queries, -1).mean(1)
-    if n_queries == 1:
-        return ce[0]
-    return alpha * ce[0] + beta * ce[1:].mean()
+    return alpha * ce[0] + beta * ce[1:].mean() if n_queries > 1 else ce[0]
 
 
 # ---- Keys without BN cheating (MoCo, He et al. CVPR 2020, Sec. 3.3) ----
@@ -189,10 +180,9 @@ def moco_loss(logits, n_queries, alpha, beta):
 # used (kNN, --export and linear_eval.py read the query encoder).
 
 def key_bn_mode(has_bn, world_size, key_sync_bn):
-    """none: no BN (ViTs). split: one process, BN on shuffled sub-batches. shuffle: per-process BN,
-    shuffled across processes. sync: SyncBN statistics are the global batch's in any order, so a
-    shuffle would change no key (the queued negatives still lack them: --key-sync-bn 0 is stricter,
-    official MoCo issue #46)."""
+    """none: no BN (ViTs). split: one process, shuffled sub-batches. shuffle: across processes.
+    sync: SyncBN statistics are the global batch's in any order, so a shuffle would change no key
+    (the queued negatives still lack them: --key-sync-bn 0 is stricter, official MoCo issue #46)."""
     if has_bn and world_size > 1:
         return "sync" if key_sync_bn else "shuffle"
     return "split" if has_bn else "none"
@@ -225,12 +215,9 @@ def shuffle_bn_keys(key_encoder, images):
 def moco_forward(query_encoder, key_encoder, crops, key_bn, bn_splits):
     """-> queries of [g2, l1..ln] (n_queries * B, dim), keys of g1 alone (B, dim) (SSLight)."""
     with torch.no_grad():
-        if key_bn == "split":
-            k = split_bn_keys(key_encoder, crops[0], bn_splits)
-        elif key_bn == "shuffle":
-            k = shuffle_bn_keys(key_encoder, crops[0])
-        else:  # none, sync
-            k = key_encoder(crops[:1])
+        k = (split_bn_keys(key_encoder, crops[0], bn_splits) if key_bn == "split" else
+             shuffle_bn_keys(key_encoder, crops[0]) if key_bn == "shuffle" else
+             key_encoder(crops[:1]))  # none, sync
     return query_encoder(crops[1:]), k
 
 
@@ -353,14 +340,13 @@ def main(argv=None):
         key_encoder = backbones.sync_batchnorm(key_encoder, device, world_size)
     for net in (query_encoder, key_encoder):
         net.to(device, memory_format=memory_format)
-    query_ddp = query_encoder
+    query_fwd, key_fwd = query_encoder, key_encoder
     if world_size > 1:  # DDP broadcasts rank 0's query encoder; the key encoder starts as its copy
-        query_ddp = nn.parallel.DistributedDataParallel(query_encoder)
+        query_fwd = nn.parallel.DistributedDataParallel(query_encoder)
     key_encoder.load_state_dict(query_encoder.state_dict())
     key_encoder.requires_grad_(False)
-    # --compile compiles the forwards; the plain modules keep the state dicts and the EMA.
-    query_fwd, key_fwd = (torch.compile(m) if config.compile else m
-                          for m in (query_ddp, key_encoder))
+    if config.compile:  # the forwards; the plain modules keep the state dicts and the EMA
+        query_fwd, key_fwd = torch.compile(query_fwd), torch.compile(key_fwd)
     queue = MoCoQueue(config.dim, config.queue_size, seed=config.seed).to(device)
     bn = [m for m in key_encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     key_bn = key_bn_mode(bool(bn), world_size, any(isinstance(m, nn.SyncBatchNorm) for m in bn))
@@ -388,21 +374,18 @@ def main(argv=None):
         for name, part in stateful.items():
             if checkpoint[name]:  # the scaler's is empty unless saved under fp16 (--amp may change)
                 part.load_state_dict(checkpoint[name])
-        history = checkpoint["history"]
         log(f"resumed from {checkpoint_path} after epoch {done}")
-    else:
-        history = [dict(epoch=0, **evaluate())] if eval_sets else []
-        if history:
-            log(f"epoch 0 (untrained): kNN top-1 {history[0]['knn_top1']:.2f} %")
+    history = checkpoint["history"] if checkpoint else []
+    if eval_sets and not checkpoint:
+        history.append(dict(epoch=0, **evaluate()))
+        log(f"epoch 0 (untrained): kNN top-1 {history[0]['knn_top1']:.2f} %")
     if rank == 0:  # written only once the settings have passed the checks
         with open(os.path.join(output_dir, "args.json"), "w") as f:
             json.dump(vars(config), f, indent=2)
 
-    # One step: the key encoder's EMA first (official MoCo: keys from this step's momentum encoder);
-    # the keys of g1 without gradient, BN guarded as above, and the queries [g2, locals]; the logits
-    # against the key and the queue in fp32, as they are divided by T; backward and the optimizer
-    # step; and only then the queue takes every rank's keys: the negatives are past batches' keys,
-    # and the backward needs the queue the logits read, unchanged.
+    # One step: the EMA first (official MoCo: keys from this step's momentum encoder), keys of g1,
+    # queries [g2, locals], fp32 logits (divided by T), backward, step; only then the queue takes
+    # every rank's keys: negatives are past batches', and the backward reads the queue unchanged.
     query_params, key_params = list(query_encoder.parameters()), list(key_encoder.parameters())
     for epoch in range(done, config.epochs):
         sampler.set_epoch(epoch)
@@ -438,8 +421,7 @@ def main(argv=None):
             if (i + 1) % config.log_every == 0 or i + 1 == iters_per_epoch:  # the one host sync
                 means = (all_reduce_sum(sums.clone()) / ((i + 1) * world_size)).tolist()
                 if not math.isfinite(means[0]):
-                    kept = (f"{checkpoint_path} (epoch {epoch}) is kept" if epoch
-                            else "no checkpoint yet")
+                    kept = f"epoch {epoch}'s checkpoint is kept" if epoch else "no checkpoint yet"
                     advice = "a lower --lr" if config.amp == "off" else "--amp off or a lower --lr"
                     raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; "
                                      f"{kept}. Try {advice}")
@@ -462,8 +444,7 @@ def main(argv=None):
             f"(~{1 / math.sqrt(config.dim):.3f} healthy){knn}")
         same_keys, at_chance = means[2] < 0.01 / math.sqrt(config.dim), means[0] >= 0.99 * chance
         if same_keys or at_chance:
-            what = ("every image gives the same key" if same_keys else
-                    "the positive is no better than a negative")
+            what = "every image gives the same key" if same_keys else "the loss is at chance"
             log(f"collapse: {what} (key std {means[2]:.2e}, loss {means[0]:.3f} of ln(K+1) "
                 f"{chance:.3f}). Try a lower --lr, --momentum 0.99 on short runs, --temperature "
                 "0.2, or a smaller --queue-size on small data sets (stale keys)")

@@ -35,7 +35,7 @@ RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("SwAV pre-training (SSLight recipes)",
+    parser = argparse.ArgumentParser(description="SwAV pre-training (SSLight recipes)",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     r = parser.add_argument_group("run")
     r.add_argument("--arch", default="mobilenet_v2", choices=backbones.ARCHS, help="the paper's")
@@ -47,24 +47,19 @@ def get_args_parser():
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     r.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
-                   help="auto: bf16 on compute capability >= 8.0, fp16 (+ GradScaler) below, off "
-                        "on the CPU; the paper trained in fp32. Sinkhorn and the loss stay fp32")
+                   help="auto: bf16 (fp16 below compute capability 8.0), off on CPU; paper: fp32")
     r.add_argument("--compile", action="store_true", help="torch.compile the network")
     r.add_argument("--log-every", type=int, default=20, help="steps between logs (one sync each)")
-    r.add_argument("--export", metavar="PATH",
-                   help="write the backbone (torchvision's format for CNNs) to PATH at the end")
-    r.add_argument("--eval-data", help="kNN monitor (k 20, T 0.07): a root with train/ and val/ "
-                                       "image folders, cifar10, or synthetic")
+    r.add_argument("--export", metavar="PATH", help="the backbone, at the end (CNN: torchvision's)")
+    r.add_argument("--eval-data", help="kNN monitor (k 20, T 0.07): ROOT/{train,val}, cifar10, ...")
     r.add_argument("--eval-every", type=int, default=1, help="epochs between kNN evaluations")
     views.add_view_args(parser)
     m = parser.add_argument_group("SwAV head, codes and queue (None: the paper's, scaled to a run)")
     m.add_argument("--hidden-dim", type=int, default=4096, help="projection width (SwAV's: 2048)")
     m.add_argument("--feat-dim", type=int, default=128, help="the embedding the prototypes score")
-    m.add_argument("--num-prototypes", type=int, default=3000,
-                   help="K; a loss stuck at ln K (8.006 for 3000) is collapse")
+    m.add_argument("--num-prototypes", type=int, default=3000, help="K; a loss at ln K is collapse")
     m.add_argument("--temperature", type=float, default=0.1, help="of the softmax predicting codes")
-    m.add_argument("--epsilon", type=float, default=0.05,
-                   help="Sinkhorn's entropy regularisation; SwAV's authors advise 0.03 on collapse")
+    m.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn's; 0.03 against collapse")
     m.add_argument("--sinkhorn-iterations", type=int, default=3)
     m.add_argument("--freeze-prototypes-epochs", type=float,
                    help="the prototypes are not updated for this long: paper 1 of 200 epochs")
@@ -90,10 +85,9 @@ def resolve_config(args, given, world_size, saved=None):
     if saved is not None:
         return resumed_config(saved, vars(args), given, world_size, THIS_RUN, RESUMABLE)
     config = dict(vars(args), world_size=world_size)
-    short = min(1.0, args.epochs / PAPER_EPOCHS)
     for name, paper_epochs in PAPER_WARMUPS.items():
         if config[name] is None:
-            config[name] = paper_epochs * short
+            config[name] = paper_epochs * min(1.0, args.epochs / PAPER_EPOCHS)
     vit = backbones.is_vit(args.arch)
     recipe = views.recipe_from_flags("swav", args, vit, backbones.PATCH_SIZE)
     config.update(views.resolved_view_flags(recipe))
@@ -124,14 +118,11 @@ class SwAVNet(nn.Module):
                                         nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True),
                                         nn.Linear(hidden_dim, feat_dim))
         self.prototypes = nn.Linear(feat_dim, num_prototypes, bias=False)
-        # The paper re-initialises the whole module, backbone included; a ViT keeps its own init.
+        # The paper re-initialises the whole module (BN: PyTorch's 1, 0); a ViT keeps its own init.
         vit = getattr(backbone, "is_vit", False)
         for m in [*self.projection, self.prototypes] if vit else self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.01)
                 if m.bias is not None:
@@ -142,14 +133,11 @@ class SwAVNet(nn.Module):
         self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
 
     def forward(self, crops):
-        # The backbone once per resolution, the head once on all crops (as official SwAV).
         features = backbones.multicrop_features(self.backbone, crops)
         embeddings = F.normalize(self.projection(features), dim=1)
-        # Scores in fp32 under autocast: Sinkhorn divides them by 0.05 and the loss by 0.1, so bf16
-        # rounding (8 bits of mantissa) would move the codes. One small matmul.
+        # fp32 scores under autocast: Sinkhorn divides them by 0.05, bf16 would move the codes.
         with torch.autocast(embeddings.device.type, enabled=False):
-            embeddings = embeddings.float()
-            return embeddings, self.prototypes(embeddings)
+            return embeddings.float(), self.prototypes(embeddings.float())
 
 
 def build_swav_net(arch, hidden_dim=4096, feat_dim=128, num_prototypes=3000):
@@ -158,10 +146,9 @@ def build_swav_net(arch, hidden_dim=4096, feat_dim=128, num_prototypes=3000):
 
 @torch.no_grad()
 def sinkhorn(scores, epsilon=0.05, iterations=3):
-    """(B_local, K) scores -> codes: each row sums to 1, each prototype gets ~B / K of the mass of
-    all B samples of all processes (official SwAV's distributed_sinkhorn). In fp32: exp(1 / 0.05)
-    overflows fp16. Each prototype's max over all processes is subtracted: the first normalisation
-    cancels it exactly, and no mass overflows or vanishes even at a smaller epsilon."""
+    """(B_local, K) scores -> codes: rows sum to 1, each prototype gets ~B / K of the B samples of
+    all processes (official SwAV's distributed_sinkhorn). fp32: exp(1 / 0.05) overflows fp16. Each
+    prototype's global max is subtracted (the first normalisation cancels it): no overflow."""
     distributed = dist.is_available() and dist.is_initialized()  # else one process: no reduces
     scores = scores.float()
     shift = scores.max(dim=0).values  # (K,)
@@ -210,21 +197,18 @@ class EmbeddingQueue(nn.Module):
 
 
 def queue_rows(queue_length, batch_size, world_size):
-    """Trimmed to a multiple of the global batch, split over the processes: 3840 -> 3072 at 1024
-    -> 384 per GPU (SSLight's swav_trainer.py)."""
-    global_batch = batch_size * world_size
-    return (queue_length - queue_length % global_batch) // world_size
+    """Per process, of whole global batches: 3840 -> 3072 at 1024 -> 384 per GPU (SSLight's)."""
+    return queue_length // (batch_size * world_size) * batch_size
 
 
 @torch.no_grad()
 def assign_codes(scores, embeddings, prototypes, queue, batch, epsilon=0.05, iterations=3):
     """The 2 global crops' codes. A full queue's scores go in front of the batch's, so that Sinkhorn
     spreads more samples than a small batch; then this step's embeddings join the queue."""
-    use_queue = queue is not None and queue.full()
     codes = []
     for i in range(2):
         s = scores[i * batch:(i + 1) * batch].float()
-        if use_queue:
+        if queue is not None and queue.full():
             s = torch.cat([queue.embeddings[i] @ prototypes.float().t(), s])
         codes.append(sinkhorn(s, epsilon, iterations)[-batch:])
     if queue is not None:
@@ -233,9 +217,8 @@ def assign_codes(scores, embeddings, prototypes, queue, batch, epsilon=0.05, ite
 
 
 def swapped_prediction_loss(scores, codes, local_crops, alpha, beta, temperature=0.1):
-    """alpha * mean(global-global CE) + beta * mean(global-local CE) (the paper's Sec. 3.3.4), the
-    CE of crop v predicting global crop a's code q_a being -sum_k q_a log softmax(s_v / T). With
-    alpha = 1 / (1 + n_local) this is official SwAV's mean over all pairs (a, v != a)."""
+    """alpha * mean(global-global CE) + beta * mean(global-local CE) (the paper's Sec. 3.3.4), CE =
+    -sum_k q_a log softmax(s_v / T); alpha 1 / (1 + n_local): official SwAV's mean of all pairs."""
     logp = F.log_softmax(scores.float() / temperature, dim=1).unflatten(0, (2 + local_crops, -1))
     # Elementwise in fp32 (a matmul would run in TF32 on CUDA): (2, n_crops) batch-mean CEs.
     ce = torch.stack([-(code * logp).sum(-1).mean(-1) for code in codes])
@@ -316,25 +299,20 @@ def main(argv=None):
     config.workers = loader_workers(config.workers)
     done = checkpoint["epoch"] if checkpoint else 0
     if config.epochs < done:
-        raise UserError(f"{checkpoint_path} has {done} finished epochs; --epochs {config.epochs} "
-                        "cannot shorten it")
+        raise UserError(f"--epochs {config.epochs} is below the {done} epochs in {checkpoint_path}")
     if done == config.epochs:
-        log(f"this run is finished: {done} epochs; checkpoint {checkpoint_path}, log "
-            f"{output_dir}/log.jsonl")
+        log(f"this run is finished: {done} epochs; checkpoint {checkpoint_path}")
         if config.export and rank == 0:
             backbones.export_backbone(checkpoint["model"], config.export, config.arch)
         return dict(checkpoint=checkpoint)
     if saved and config.epochs != saved["epochs"]:
-        log(f"extending the run from {saved['epochs']} to {config.epochs} epochs: the lr schedule "
-            f"is recomputed for {config.epochs}")
+        log(f"extending the run from {saved['epochs']} to {config.epochs} epochs (new lr schedule)")
     recipe = views.recipe_from_flags("swav", config, backbones.is_vit(config.arch),
                                      backbones.PATCH_SIZE)
     alpha, beta = config.loss_weights
     global_batch = config.batch_size * world_size
     rows = queue_rows(config.queue_length, config.batch_size, world_size)
     log(f"SwAV {config.arch} | {world_size} process(es) on {device}, amp {config.amp} {amp_note}| "
-        f"views: global {config.global_size}px {config.global_scale}, {config.local_crops} local "
-        f"{config.local_size}px {config.local_scale}, loss weights gg {alpha:.3f} gl {beta:.3f} | "
         f"queue {rows * world_size} of --queue-length {config.queue_length}")
     log("configuration:\n" + "\n".join(f"  {k}: {v}" for k, v in sorted(vars(config).items())))
     peak_lr = config.lr * global_batch / 256
@@ -355,8 +333,7 @@ def main(argv=None):
                                                   seed=config.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(
         dataset, config.batch_size, sampler=sampler, num_workers=config.workers, collate_fn=collate,
-        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=config.workers > 0,
-        prefetch_factor=2 if config.workers > 0 else None)
+        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=config.workers > 0)
     iters_per_epoch = len(loader)
     if iters_per_epoch == 0:
         raise UserError(f"{len(dataset)} images give {len(sampler)} per process, fewer than "
@@ -364,8 +341,7 @@ def main(argv=None):
     if checkpoint and checkpoint["num_images"] != len(dataset):
         raise UserError(f"--data {config.data} now has {len(dataset)} images, the run was trained "
                         f"on {checkpoint['num_images']}: use the same data or another --output-dir")
-    log(f"{len(dataset)} images, {iters_per_epoch} iterations/epoch of {config.batch_size} x "
-        f"{world_size}")
+    log(f"{len(dataset)} images: {iters_per_epoch} steps of {config.batch_size} x {world_size}")
     if rank == 0:  # every check has passed: only now is the run folder made
         lock_output_dir(output_dir)
 
@@ -407,15 +383,13 @@ def main(argv=None):
         with open(os.path.join(output_dir, "args.json"), "w") as f:
             json.dump(vars(config), f, indent=2)
 
-    # One step: the prototypes back on the unit sphere (scores are cosines), one forward of every
-    # crop; the 2 global crops' codes from those scores, without gradient (Sinkhorn over the queue
-    # too, once it is full), and only then do their embeddings join the queue, so that no sample
-    # is counted twice; the swapped-prediction loss and its backward; the prototypes' gradient
-    # dropped while they are frozen; the optimizer step. The loss and the collapse signals are
-    # summed on the device and read by the host (one sync) every --log-every steps.
+    # One step: the prototypes back on the unit sphere (scores are cosines); one forward of every
+    # crop; the global crops' codes, without gradient (Sinkhorn over the full queue too), and only
+    # then do their embeddings join the queue, so that no sample is counted twice; the loss and its
+    # backward; no prototype gradient while they are frozen; the optimizer step. The loss and the
+    # collapse signals are summed on the device, read by the host every --log-every steps (a sync).
     for epoch in range(done, config.epochs):
         sampler.set_epoch(epoch)
-        model.train()
         sums = torch.zeros(3, device=device)  # loss, embedding std, code entropy
         top_prototypes = torch.zeros(config.num_prototypes, device=device)  # 1: some crop's top
         start = time.time()
@@ -428,8 +402,7 @@ def main(argv=None):
                 group["weight_decay"] = config.weight_decay * group["wd_factor"]
             if queue is None and rows > 0 and it >= queue_start:
                 queue = EmbeddingQueue(rows, config.feat_dim).to(device)
-                log(f"queue started at epoch {epoch + 1}, step {i + 1}: {rows} x {world_size} "
-                    "embeddings per global crop, used once full")
+                log(f"queue started at epoch {epoch + 1}, step {i + 1}, used once full")
             crops = views.batch_to_crops(batch, device, memory_format, view_sampler)
             model.normalize_prototypes()
             with autocast:
@@ -456,11 +429,8 @@ def main(argv=None):
             if (i + 1) % config.log_every == 0 or i + 1 == iters_per_epoch:  # the one host sync
                 means = (all_reduce_sum(sums.clone()) / ((i + 1) * world_size)).tolist()
                 if not math.isfinite(means[0]):
-                    kept = (f"{checkpoint_path} (epoch {epoch}) is kept" if epoch
-                            else "no checkpoint yet")
-                    hint = "a lower --lr" if config.amp == "off" else "--amp off or a lower --lr"
                     raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; "
-                                     f"{kept}. Try {hint}")
+                                     "the last checkpoint is kept. Try a lower --lr or --amp off")
                 bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr_schedule[it]:.2e}",
                                 img_s=round((i + 1) * global_batch / (time.time() - start), 1))
 
@@ -473,9 +443,7 @@ def main(argv=None):
         if eval_sets and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             record.update(knn())
         history.append(record)
-        untrained = f" (untrained {history[0]['knn_top1']:.2f})" if history[0]["epoch"] == 0 else ""
-        knn_note = (f", kNN top-1 {record['knn_top1']:.2f} %{untrained}" if "knn_top1" in record
-                    else "")
+        knn_note = f", kNN top-1 {record['knn_top1']:.2f} %" if "knn_top1" in record else ""
         log(f"epoch {epoch + 1}/{config.epochs}: loss {means[0]:.4f} (ln K {ln_k:.3f}), embedding "
             f"std {means[1]:.4f} (~{healthy_std:.3f} healthy), {used} of {config.num_prototypes} "
             f"prototypes used{knn_note}")

@@ -8,9 +8,7 @@ how the loss pairs are weighted (paper Sec. 3.3; SSLight's src/config/exp_yamls)
     local size     96 px                      ->  128 px
     loss weights   plain average over pairs   ->  0.4 mean(global-global) + 0.6 mean(global-local)
 
-Run as a script, it draws the views sampled from one image:
-
-    python views.py photo.jpg --method dino --compare --out views.png
+Run as a script (python views.py photo.jpg --compare), it draws the views sampled from one image.
 """
 import argparse
 import dataclasses
@@ -29,7 +27,6 @@ from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-REFERENCE_GLOBAL_SIZE = 224  # crop sizes in the recipes are for 224 px global crops
 
 
 class UserError(Exception):
@@ -62,12 +59,9 @@ class ViewRecipe:
 
     @property
     def alpha_beta(self):
-        """Weights of the averaged global-global and global-local loss terms.
-
-        Baseline = the original methods' plain average over all pairs. In DINO and SwAV each of the
-        2 global views is paired with the other global view (2 gg pairs) and with every local
-        (2 * n gl pairs); in MoCo the key g1 is paired with g2 (1) and every local (n). Either way
-        alpha = n_gg / (n_gg + n_gl) = 1 / (1 + n_local): 1/7 for 6 locals, 1/11 for 10."""
+        """Weights of the mean global-global and global-local terms. Baseline: the plain average
+        over all pairs (DINO, SwAV: 2 gg and 2n gl pairs; MoCo, key g1: 1 and n), so alpha =
+        n_gg / (n_gg + n_gl) = 1 / (1 + n_local): 1/7 for 6 locals, 1/11 for 10."""
         if self.loss_weights is not None:
             return tuple(self.loss_weights)
         n = self.local_crops
@@ -99,9 +93,8 @@ RECIPES = {
 
 
 def get_recipe(method, recipe="light", vit=False, **overrides):
-    """The recipe of `method` (dino / moco / swav) and `recipe` (light / baseline / classic), with
-    any field overridden (None = keep). Overriding global_size alone rescales local_size by the same
-    ratio, so 112 px global crops get 48 (baseline) or 64 (light) px local crops."""
+    """`recipe` (light / baseline / classic) of `method` (dino / moco / swav), fields overridden
+    (None = keep); global_size alone rescales local_size alike (112 px -> 48 / 64 px locals)."""
     key = ("dino_vit" if vit else "dino_cnn") if method == "dino" else method
     if (key, recipe) not in RECIPES:
         valid = sorted(r for m, r in RECIPES if m == key)
@@ -110,7 +103,7 @@ def get_recipe(method, recipe="light", vit=False, **overrides):
     overrides = {k: tuple(v) if isinstance(v, list) else v
                  for k, v in overrides.items() if v is not None}
     if "global_size" in overrides and "local_size" not in overrides:
-        ratio = overrides["global_size"] / REFERENCE_GLOBAL_SIZE
+        ratio = overrides["global_size"] / base.global_size
         overrides["local_size"] = max(1, round(base.local_size * ratio))
     recipe = dataclasses.replace(base, **overrides)
     for name, (low, high) in (("global", recipe.global_scale), ("local", recipe.local_scale)):
@@ -130,14 +123,12 @@ VIEW_FLAGS = ("global_size", "local_size", "local_crops", "global_scale", "local
 
 
 def recipe_from_flags(method, flags, vit=False, patch_size=16):
-    """The recipe of --recipe with the view flags of `flags` (the parsed args, or a run's resolved
-    config) applied. A ViT's crops must be whole multiples of its patches."""
+    """--recipe with the view flags of `flags` (the parsed args, or a run's resolved config)."""
     recipe = get_recipe(method, flags.recipe, vit, **{k: getattr(flags, k) for k in VIEW_FLAGS})
     if vit and (recipe.global_size % patch_size
                 or recipe.local_crops and recipe.local_size % patch_size):
         raise UserError(f"a ViT needs crops in multiples of its {patch_size} px patches, not "
-                        f"{recipe.global_size} / {recipe.local_size} px: use --global-size 224 or "
-                        "112 (locals 128 / 64), or set --local-size")
+                        f"{recipe.global_size} / {recipe.local_size} px (--global-size 224, 112)")
     return recipe
 
 
@@ -149,12 +140,10 @@ def resolved_view_flags(recipe):
 def add_view_args(parser):
     v = parser.add_argument_group("views (paper Sec. 3.3)")
     v.add_argument("--recipe", default="light",
-                   help="light (the paper's): global (0.3,1), local (0.05,0.3) at 128 px, loss "
-                        "weights 0.4/0.6. baseline (the original's): CNN (0.14,1)/(0.05,0.14), "
-                        "ViT (0.25,1)/(0.05,0.25), 96 px, plain average. MoCo also: classic = "
-                        "the 2-view MoCo-v2 as published")
-    v.add_argument("--global-size", type=int, default=None,
-                   help="224; smaller sizes scale the local size alike (112 -> 48 / 64)")
+                   help="light (the paper's): scales (0.3,1)/(0.05,0.3), 128 px locals, weights "
+                        "0.4/0.6; baseline (the original's): (0.14,1)/(0.05,0.14) (ViT: 0.25), 96 "
+                        "px, plain average; classic (MoCo only): the 2-view MoCo-v2 as published")
+    v.add_argument("--global-size", type=int, default=None, help="224; scales the locals alike")
     v.add_argument("--local-size", type=int, default=None, help="light 128, baseline 96 (at 224)")
     v.add_argument("--local-crops", type=int, default=None, help="6 for CNNs, 10 for ViT-Tiny")
     for name, light in (("global", "0.3 1"), ("local", "0.05 0.3")):
@@ -164,18 +153,16 @@ def add_view_args(parser):
                    help="weights of the averaged global-global / global-local terms: light 0.4 "
                         "0.6; baseline 1/(1+n_local), n_local/(1+n_local) = a plain average")
     v.add_argument("--views-on", default="loader", choices=["loader", "device"],
-                   help="loader: PIL crops in the loader processes (the paper's pipeline). "
-                        "device: the loader only decodes, the views are sampled in batches on the "
-                        "GPU (or CPU); not yet measured on a GPU. Departures: "
-                        + DEVICE_VIEWS_DEPARTURES)
+                   help="loader: PIL crops in the loader processes (the paper's pipeline); device: "
+                        "the loader only decodes, the views are made in batches on the GPU (or "
+                        "CPU), not yet measured on a GPU. Departures: " + DEVICE_VIEWS_DEPARTURES)
     return parser
 
 
 class MultiCropTransform:
-    """PIL image -> [global_1, global_2, local_1, ..., local_n] uint8 (3, H, W) tensors, which
-    `normalize` turns into the network's input on the device. One pipeline for all views (SSLight's
-    src/data/transforms.py): crop -> flip -> colour jitter (with p) -> grayscale -> Gaussian blur ->
-    solarize; only blur (g1 / g2 / locals) and solarize (g2 only) differ per view."""
+    """PIL image -> [global_1, global_2, local_1, ..., local_n] uint8 (3, H, W) tensors, for
+    `normalize` on the device. One pipeline for all views (SSLight's src/data/transforms.py): only
+    the blur (g1 / g2 / locals) and solarize (g2 only) probabilities differ per view."""
 
     def __init__(self, recipe: ViewRecipe):
         self.recipe = recipe
@@ -185,10 +172,9 @@ class MultiCropTransform:
     def view_specs(self):
         """(size, scale, blur_p, solarize_p) of each view, in output order."""
         r = self.recipe
-        blur_g1, blur_g2, blur_local = r.blur_p
-        return ([(r.global_size, r.global_scale, blur_g1, 0.0),
-                 (r.global_size, r.global_scale, blur_g2, r.solarize_p)]
-                + [(r.local_size, r.local_scale, blur_local, 0.0)] * r.local_crops)
+        return ([(r.global_size, r.global_scale, r.blur_p[0], 0.0),
+                 (r.global_size, r.global_scale, r.blur_p[1], r.solarize_p)]
+                + [(r.local_size, r.local_scale, r.blur_p[2], 0.0)] * r.local_crops)
 
     def __call__(self, image):
         return [view for view, _ in self.sample(image)]
@@ -251,12 +237,10 @@ def normalize(images, device, memory_format=torch.contiguous_format):
 # --- Views on the device (--views-on device): the loader only decodes, the views are made here ---
 
 DEVICE_VIEWS_DEPARTURES = (
-    "bilinear crops, averaging ceil(crop / size)^2 samples per pixel when shrinking (roi_align), "
-    "not PIL's bicubic; a true Gaussian blur (13 taps, reflect padding), not PIL's box-blur "
-    "approximation (edge padding); torchvision's float tensor ops for colour jitter, grayscale and "
-    "solarize, never rounded to uint8, where the PIL path rounds after each op, takes contrast "
-    "against an integer grey mean, weighs grey (299, 587, 114) / 1000 and shifts hue in 8-bit HSV "
-    "by whole 1/256 turns")
+    "bilinear crops (averaging ceil(crop / size)^2 samples per pixel when shrinking), not PIL's "
+    "bicubic; a true Gaussian blur (13 taps, reflect padding), not PIL's box approximation; float "
+    "colour ops, where PIL rounds to uint8 after each op (hue differs most: PIL shifts it by whole "
+    "1/256 turns)")
 
 
 def collate_images(batch):
@@ -265,8 +249,7 @@ def collate_images(batch):
     at an image's edge reads what it would read on the image alone."""
     images, labels = zip(*batch)
     sizes = torch.tensor([image.shape[1:] for image in images])
-    out = torch.empty((len(images), images[0].shape[0], *sizes.max(0).values.tolist()),
-                      dtype=torch.uint8)
+    out = images[0].new_empty((len(images), images[0].shape[0], *sizes.max(0).values.tolist()))
     for k, (image, (h, w)) in enumerate(zip(images, sizes.tolist())):
         out[k, :, :h, :w] = image
         out[k, :, :h, w:] = image[:, :, w - 1:]
@@ -280,8 +263,7 @@ def collate_images(batch):
 
 def crop_boxes(sizes, scale, ratio=(3 / 4, 4 / 3), generator=None, tries=10):
     """torchvision's RandomResizedCrop.get_params for N images at once: sizes (N, 2) = (h, w) ->
-    float (N, 4) boxes (left, top, width, height) in whole pixels. Per image 10 tries of area
-    ~ U(scale) * h * w and a log-uniform aspect ratio; the first that fits wins."""
+    float (N, 4) boxes (left, top, width, height) in whole pixels."""
     rand = lambda *shape: torch.rand(len(sizes), *shape, generator=generator, device=sizes.device)
     height, width = sizes.float().unbind(1)
     area = (height * width)[:, None] * (scale[0] + (scale[1] - scale[0]) * rand(tries))
@@ -362,8 +344,7 @@ def gaussian_blur(x, sigma, radius=6):
 
 
 def augment(x, drawn):
-    """MultiCropTransform.one_view after the crop, on float (N, 3, s, s) in [0, 1], as `drawn`
-    (DeviceMultiCrop.draw) says."""
+    """MultiCropTransform.one_view after the crop, on float (N, 3, s, s) in [0, 1], as drawn."""
     where = lambda key, done, undone: torch.where(drawn[key].view(-1, 1, 1, 1), done, undone)
     x = where("flipped", x.flip(-1), x)
     jittered = x
@@ -382,10 +363,8 @@ def augment(x, drawn):
 
 class DeviceMultiCrop:
     """uint8 (B, 3, H, W) images padded by collate_images (`sizes` (B, 2) = true (h, w); None =
-    whole) -> [global_1, global_2, local_1, ..., local_n] float (B, 3, s, s): what
-    MultiCropTransform + normalize give, from the same distributions, made per crop size in one
-    batched pass on the images' device, where `generator` (None: torch's default) draws. Departures
-    from the PIL path: DEVICE_VIEWS_DEPARTURES."""
+    whole) -> [global_1, global_2, local_1, ...] float (B, 3, s, s): MultiCropTransform + normalize,
+    in one batched pass per crop size on the images' device. Departures: DEVICE_VIEWS_DEPARTURES."""
 
     def __init__(self, recipe: ViewRecipe):
         self.recipe = recipe
@@ -407,10 +386,8 @@ class DeviceMultiCrop:
         return self.apply(images, self.draw(sizes.to(images.device, non_blocking=True), generator))
 
     def draw(self, sizes, generator=None):
-        """Every random choice for the views of images of true sizes (B, 2) = (h, w), on their
-        device: per crop size a dict of tensors with a row per view and image (view-major): box
-        (left, top, width, height), flipped, jittered, order (of brightness, contrast, saturation,
-        hue), factors (in that order), grayscale, blurred, sigma, solarized."""
+        """Every random choice for images of true sizes (B, 2) = (h, w), on their device: per crop
+        size a dict of tensors with a row per view and image (view-major)."""
         r, b = self.recipe, len(sizes)
         rand = lambda *shape: torch.rand(shape, generator=generator, device=sizes.device)
         uniform = lambda n: torch.stack([low + (high - low) * u for (low, high), u
@@ -428,8 +405,7 @@ class DeviceMultiCrop:
         return drawn
 
     def apply(self, images, drawn):
-        """The views of uint8 (B, 3, H, W) `images` made as `drawn` (on their device) says ->
-        [(view, its record)] in output order."""
+        """The views of uint8 `images` made as `drawn` says -> [(view, its record)] in order."""
         b, device = len(images), images.device
         mean, std, _, _ = imagenet_stats(device)
         source, out = images.float(), []
@@ -499,9 +475,8 @@ class Prefetcher:
 
 # --- Data sets: an image folder, a torchvision set, or the built-in synthetic demo ---
 
-DATA_HELP = ("an ImageFolder root (ImageNet layout: DIR/train), a flat folder of images, cifar10 | "
-             "cifar100 | stl10 (torchvision, downloaded into ./data), or synthetic (the built-in "
-             "demo set, no files)")
+DATA_HELP = ("an ImageFolder root (DIR/train), a flat folder of images, cifar10 | cifar100 | stl10 "
+             "(torchvision, downloaded into ./data), or synthetic (built in, no files)")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Larger images are skipped as unreadable, known from the header before anything is decoded. PIL
 # refuses only images over 179 megapixels, and a 12000 x 12000 PNG of 17 KB under that costs its
@@ -513,9 +488,8 @@ TEXTURES = ["h_stripes", "v_stripes", "checker", "dots", "rings", "grid", "trian
 
 class SyntheticTextures(torch.utils.data.Dataset):
     """The built-in demo set, made on the fly: 10 classes, each a periodic pattern that FILLS the
-    image, in the same two grey levels for every image, so that what two crops of an image share
-    (what multi-crop SSL learns) is the class, not a colour (README, "the data set"). Per image
-    vary the period (0.14-0.22 of the side), phase, stroke thickness and diagonals' direction."""
+    image in the same two grey levels, so that what two crops of an image share is the class, not
+    a colour (README, "the data set"). Per image vary the period, phase, thickness and direction."""
 
     BACKGROUND, FOREGROUND = (30, 30, 30), (225, 225, 225)
 
@@ -584,10 +558,9 @@ class SyntheticTextures(torch.utils.data.Dataset):
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images under `root`: an ImageFolder layout (root/<class>/<image>) or a flat folder of
-    unlabelled images (label 0). An unreadable image (broken, a decompression bomb, over
-    MAX_IMAGE_PIXELS) is skipped with a warning naming it, for the next one. The count of bad
-    images is in shared memory: the 1% limit is per run, with any number of loader processes."""
+    """Images under `root`: root/<class>/<image>, or a flat folder (label 0). An unreadable image
+    (broken, a bomb, over MAX_IMAGE_PIXELS) is skipped with a warning, for the next one. The count
+    of bad images is in shared memory: the 1% limit is per run, with any number of loaders."""
 
     def __init__(self, root, transform=None):
         if not os.path.isdir(root):
@@ -606,8 +579,7 @@ class ImageFiles(torch.utils.data.Dataset):
             self.samples = [(os.path.join(root, f), 0) for f in sorted(os.listdir(root))
                             if is_image(f)]
         if not self.samples:
-            raise UserError(f"{root!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in it or "
-                            "in its sub-folders")
+            raise UserError(f"{root!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under it")
         self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
 
     def __len__(self):
@@ -648,9 +620,8 @@ def build_dataset(data, transform=None, split="train", download=True):
             return getattr(torchvision.datasets, data.upper())(
                 "data", download=download, transform=transform, **which)
         except Exception as error:  # offline and not on disk yet
-            raise UserError(f"--data {data}: not in ./data and not downloadable "
-                            f"({type(error).__name__}: {error}); download it once with internet "
-                            "access, or pass an ImageFolder path") from None
+            raise UserError(f"--data {data}: not in ./data and not downloadable ({error}); "
+                            "download it once with internet, or pass an ImageFolder path") from None
     return ImageFiles(data, transform)
 
 
@@ -662,8 +633,7 @@ def build_eval_datasets(eval_data, transform, train_transform=None, download=Tru
                 build_dataset(eval_data, transform, "val", download))
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(eval_data, split)):
-            raise UserError(f"{eval_data!r} has no {split}/ folder: evaluation data needs "
-                            "ROOT/train and ROOT/val")
+            raise UserError(f"{eval_data!r} has no {split}/ folder (need ROOT/train, ROOT/val)")
     return (ImageFiles(os.path.join(eval_data, "train"), train_transform or transform),
             ImageFiles(os.path.join(eval_data, "val"), transform))
 

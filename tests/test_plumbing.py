@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, free_port, make_image_folder
+from conftest import ROOT, make_image_folder
 
 SCRIPTS = ["dino.py", "moco_v2.py", "swav.py", "linear_eval.py"]
 START, END = "# ---- plumbing:", "# ---- end of plumbing ----"
@@ -63,17 +63,26 @@ def test_a_script_carries_only_what_it_calls(script):
         assert re.search(rf"(?<![.\w]){name}\b", rest), f"{script}: {name} is never used"
 
 
-# Ceilings that keep the scripts from growing back: the sizes reached so far. The reader's edition
-# aims at dino.py 560, moco_v2.py and swav.py 600, linear_eval.py and views.py 650.
-SIZES = {"dino.py": 728, "moco_v2.py": 724, "swav.py": 745, "linear_eval.py": 650, "views.py": 731}
+# A script's own code (model, loss, main loop: what a reader studies) sits above its plumbing block,
+# which is the same text in every script and is read once. The own code is held within the anchors'
+# 340-520 lines (official main_dino.py 471, main_moco.py 402, main_swav.py 380). The totals are
+# ceilings at the sizes reached, so that nothing grows back (the reader's edition aimed at dino.py
+# 560, moco_v2.py and swav.py 600, linear_eval.py and views.py 650).
+OWN_CODE = 520
+SIZES = {"dino.py": 703, "moco_v2.py": 698, "swav.py": 706, "linear_eval.py": 644, "views.py": 701,
+         "backbones.py": 237}
 
 
 @pytest.mark.parametrize("script", SCRIPTS + ["backbones.py", "views.py"])
 def test_lines_and_sizes_of_the_readers_edition(script):
-    lines = open(os.path.join(ROOT, script)).read().splitlines()
+    text = open(os.path.join(ROOT, script)).read()
+    lines = text.splitlines()
     long_lines = [n for n, line in enumerate(lines, 1) if len(line) > 100]
     assert not long_lines, f"{script}: lines over 100 characters: {long_lines}"
-    assert len(lines) <= SIZES.get(script, 10**6), f"{script}: {len(lines)} lines"
+    assert len(lines) <= SIZES[script], f"{script}: {len(lines)} lines"
+    if script in SCRIPTS:
+        own = text[:text.index(START)].count("\n")
+        assert own <= OWN_CODE, f"{script}: {own} lines above the plumbing block"
 
 
 def test_top_level_is_the_cards_list():
@@ -109,14 +118,13 @@ METHOD_FLAGS = {"dino.py": ["--out-dim", "32"], "moco_v2.py": ["--queue-size", "
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_copied_script_runs_alone(script, tmp_path):
-    """Copy one script with backbones.py and views.py into an empty folder: --help, a 1-epoch CPU run, the
-    rerun of the finished run, --export from it (linear_eval: a kNN evaluation)."""
+    """Copy one script with backbones.py and views.py into an empty folder: a 1-epoch CPU run, the rerun of the
+    finished run, --export from it (linear_eval: a kNN evaluation). (Their torchrun runs: each script's tests.)"""
     folder = tmp_path / "alone"
     folder.mkdir()
     for name in (script, "backbones.py", "views.py"):
         shutil.copy(os.path.join(ROOT, name), folder)
     data = make_image_folder(tmp_path / "images", n_per_class=4)
-    assert "usage" in run([sys.executable, script, "--help"], folder)
     if script == "linear_eval.py":
         make_image_folder(tmp_path / "eval" / "train", n_per_class=4)
         make_image_folder(tmp_path / "eval" / "val", n_per_class=2)
@@ -127,10 +135,14 @@ def test_a_copied_script_runs_alone(script, tmp_path):
     run([sys.executable, script, *flags], folder)
     assert "this run is finished" in run([sys.executable, script, "--output-dir", "run", "--export", "b.pth"], folder)
     assert torch.load(folder / "b.pth")  # the backbone's weights
-    if script == "dino.py":  # and under torchrun, 2 processes
-        run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-             script, *flags[:3], "ddp", *flags[4:], "--batch-size", "2"], folder)
-        assert (folder / "ddp" / "checkpoint.pth").exists()
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_is_the_documentation(script):
+    """--help renders (a stray % in a help string would raise here) and names the paper's values."""
+    module = __import__(os.path.splitext(script)[0])
+    text = module.get_args_parser().format_help()
+    assert text.startswith("usage") and "paper" in text
 
 
 # ----------------------------------------------------------------------------------------------
