@@ -237,6 +237,20 @@ def collapse_signals(embeddings, scores, codes, batch):
     return embeddings.float().std(0).mean(), code_entropy, scores[:2 * batch].argmax(1)
 
 
+def collapse_form(loss, embedding_std, code_entropy, used, num_prototypes, feat_dim, epoch):
+    """None for a healthy epoch, or which collapse (epoch counts from 1). Flat: every prototype
+    scores alike, so the codes are uniform (entropy ~ ln K), the embeddings lose their spread,
+    or the loss still sits at ln K after 2 epochs. Concentrated: a few prototypes take every
+    image while the spread shrinks. The thresholds hold on the demo's runs (README)."""
+    ln_k, healthy_std = math.log(num_prototypes), 1 / math.sqrt(feat_dim)
+    if (code_entropy > 0.99 * ln_k or embedding_std < 0.1 * healthy_std
+            or (epoch >= 3 and loss > 0.98 * ln_k)):
+        return "flat codes, every prototype scores alike"
+    if used < num_prototypes / 4 and embedding_std < 0.2 * healthy_std:
+        return f"concentrated codes, a few of {num_prototypes} prototypes take every image"
+    return None
+
+
 def param_groups(modules, decay_all=False):
     """SSLight's three groups, trainable parameters only (decay_all: one group, MoCo-v2's way):
     regularized: ndim >= 2, not depthwise -> weight decay, LARS adaptation;
@@ -447,12 +461,13 @@ def main(argv=None):
         log(f"epoch {epoch + 1}/{config.epochs}: loss {means[0]:.4f} (ln K {ln_k:.3f}), embedding "
             f"std {means[1]:.4f} (~{healthy_std:.3f} healthy), {used} of {config.num_prototypes} "
             f"prototypes used{knn_note}")
-        if means[1] < 0.1 * healthy_std or means[2] > 0.99 * ln_k:
-            log(f"collapse: every image gets the same embedding (std {means[1]:.2e}) or a flat "
-                f"code (entropy {means[2]:.3f} of ln K {ln_k:.3f}), {used} of "
-                f"{config.num_prototypes} prototypes used. Usually fixed by --epsilon 0.03, a "
-                "longer --freeze-prototypes-epochs, a lower --lr, or softer augmentation (a larger "
-                "minimum of --global-scale / --local-scale)")
+        form = collapse_form(means[0], means[1], means[2], used, config.num_prototypes,
+                             config.feat_dim, epoch + 1)
+        if form:
+            log(f"collapse: {form} (loss {means[0]:.3f} of ln K {ln_k:.3f}, code entropy "
+                f"{means[2]:.3f}, embedding std {means[1]:.2e}, {used} prototypes used). The head "
+                "learns only while two crops' scores agree by more than --epsilon / --temperature: "
+                "try 0.025 / 0.2, a lower --lr, or a longer --freeze-prototypes-epochs")
         # The processes' queues differ: all gathered (a collective) into rank 0's one checkpoint.
         queues = None if queue is None else all_gather_cat(queue.embeddings[None]).cpu()
         if rank == 0:

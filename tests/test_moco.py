@@ -336,3 +336,20 @@ def test_amp_branches_run_on_the_cpu(image_folder, tmp_path, tiny, amp):
     checkpoint = torch.load(tmp_path / amp / "checkpoint.pth", weights_only=False)
     assert math.isfinite(checkpoint["history"][-1]["loss"]) and checkpoint["config"]["amp"] == amp
     assert bool(checkpoint["scaler"]) == (amp == "fp16")  # the GradScaler ran under fp16 only
+
+
+# The README's MoCo demo command (Seeing it learn on a CPU), on the built-in synthetic set.
+DEMO = ["--arch", "resnet18", "--global-size", "32", "--batch-size", "32", "--local-crops", "2", "--workers", "2",
+        "--eval-data", "synthetic", "--optimizer", "sgd", "--lr", "0.5", "--min-lr", "1e-3", "--warmup-epochs", "0",
+        "--queue-size", "1024", "--momentum", "0.99", "--bn-splits", "2"]
+
+
+def test_the_demo_setting_learns_without_collapse(tmp_path, capsys):
+    """The demo cut to 2 epochs (40 steps): the kNN must beat the untrained network's by 5 points, the positive
+    must beat all 1024 negatives far above chance (1 in 1025), and no collapse line is printed."""
+    history = moco_v2.main(DEMO + ["--epochs", "2", "--eval-every", "1000", "--log-every", "100",
+                                   "--output-dir", str(tmp_path / "run")])["history"]
+    untrained, final = history[0]["knn_top1"], history[-1]
+    assert final["knn_top1"] >= untrained + 5, (untrained, final)
+    assert final["contrastive_top1"] > 3 and final["loss"] < 0.98 * final["chance_loss"], final
+    assert "collapse:" not in capsys.readouterr().out

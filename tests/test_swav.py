@@ -335,7 +335,29 @@ def test_collapse_is_flagged(image_folder, tmp_path, monkeypatch, capsys):
     result = swav.main(small_run_flags(image_folder, tmp_path / "same"))
     record = result["history"][-1]
     assert record["embedding_std"] < 1e-6 and record["code_entropy"] == pytest.approx(math.log(32), rel=1e-3)
-    assert "collapse: every image gets the same embedding" in capsys.readouterr().out
+    assert "collapse: flat codes" in capsys.readouterr().out
+
+
+# Per-epoch (loss, embedding std, code entropy, prototypes used, epoch) of the README's SwAV demo
+# (K 30, D 128, ln K 3.401), seeds 0-2 with --temperature 0.2 --epsilon 0.025 (healthy: +14.6 to
+# +16.8 kNN points), and seed 0 with the paper's 0.1 / 0.05 (the head collapses from epoch 2).
+HEALTHY = [(3.408, 0.0345, 2.325, 30, 1), (3.302, 0.0271, 2.448, 29, 2), (3.09, 0.0426, 2.113, 30, 3),
+           (2.702, 0.0606, 1.741, 26, 6), (3.414, 0.0317, 2.468, 30, 1), (3.352, 0.0231, 2.598, 29, 2),
+           (3.179, 0.0326, 2.303, 29, 3), (2.704, 0.055, 1.746, 25, 6), (3.42, 0.0314, 2.491, 30, 1),
+           (3.353, 0.0216, 2.646, 30, 2), (3.169, 0.0355, 2.152, 29, 3), (2.631, 0.0594, 1.725, 26, 6)]
+FLAT = [(3.414, 0.0073, 3.393, 27, 2), (3.403, 0.0071, 3.396, 30, 3), (3.402, 0.0071, 3.398, 30, 6),
+        (3.383, 0.015, 3.302, 30, 6)]  # the last: T 0.2 at epsilon 0.05, seed 1: the loss at ln K
+
+
+def test_collapse_form_sees_both_forms_and_spares_healthy_runs():
+    for loss, std, entropy, used, epoch in HEALTHY:
+        assert swav.collapse_form(loss, std, entropy, used, 30, 128, epoch) is None
+    for loss, std, entropy, used, epoch in FLAT:
+        assert swav.collapse_form(loss, std, entropy, used, 30, 128, epoch).startswith("flat")
+    # A queue's form (issue 20, official loop): 5 of 100 prototypes take the images, std 17 % of healthy.
+    form = swav.collapse_form(3.9, 0.17 / 128 ** 0.5, 2.0, 5, 100, 128, 6)
+    assert form.startswith("concentrated")
+    assert swav.collapse_form(3.9, 0.5 / 128 ** 0.5, 2.0, 5, 100, 128, 6) is None  # few, but spread
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -361,3 +383,22 @@ def test_torchrun_two_cpu_processes_end_identical(image_folder, tmp_path):
     saved = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=False)["queue"]
     assert torch.equal(saved[0], queues[0]) and torch.equal(saved[1], queues[1])
     assert ranks[0]["history"][-1]["queue_full"]
+
+
+# The README's SwAV demo command (Seeing it learn on a CPU), on the built-in synthetic set.
+DEMO = ["--arch", "resnet18", "--global-size", "32", "--batch-size", "32", "--local-crops", "2", "--workers", "2",
+        "--eval-data", "synthetic", "--optimizer", "sgd", "--lr", "0.6", "--min-lr", "1e-3", "--warmup-epochs", "0",
+        "--num-prototypes", "30", "--queue-length", "0", "--hidden-dim", "2048", "--temperature", "0.2",
+        "--epsilon", "0.025"]
+
+
+def test_the_demo_setting_learns_without_collapse(tmp_path, capsys):
+    """The demo cut to 2 epochs (40 steps): the kNN must beat the untrained network's by 8 points, the codes
+    must have left the flat point (entropy well below ln K, spread kept), and no collapse line is printed.
+    With the paper's --temperature 0.1 --epsilon 0.05 the same 2 epochs end flat (README)."""
+    history = swav.main(DEMO + ["--epochs", "2", "--eval-every", "1000", "--log-every", "100",
+                                "--output-dir", str(tmp_path / "run")])["history"]
+    untrained, final = history[0]["knn_top1"], history[-1]
+    assert final["knn_top1"] >= untrained + 8, (untrained, final)
+    assert final["code_entropy"] < 0.9 * math.log(30) and final["embedding_std"] > 0.2 / 128 ** 0.5, final
+    assert "collapse:" not in capsys.readouterr().out
