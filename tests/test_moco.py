@@ -345,9 +345,9 @@ DEMO = ["--arch", "resnet18", "--global-size", "32", "--batch-size", "32", "--lo
 
 
 def test_the_demo_setting_learns_without_collapse(tmp_path, capsys):
-    """The demo cut to 2 epochs (40 steps): the kNN must beat the untrained network's by 5 points, the positive
-    must beat all 1024 negatives far above chance (1 in 1025), and no collapse line is printed."""
-    history = moco_v2.main(DEMO + ["--epochs", "2", "--eval-every", "1000", "--log-every", "100",
+    """The demo cut to 1 epoch (20 steps; measured 77.0 -> 84.4): the kNN must beat the untrained network's by
+    5 points, the positive must beat the negatives far above chance (1 in 1025), and no collapse line."""
+    history = moco_v2.main(DEMO + ["--epochs", "1", "--eval-every", "1000", "--log-every", "100",
                                    "--output-dir", str(tmp_path / "run")])["history"]
     untrained, final = history[0]["knn_top1"], history[-1]
     assert final["knn_top1"] >= untrained + 5, (untrained, final)

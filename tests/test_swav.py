@@ -393,10 +393,11 @@ DEMO = ["--arch", "resnet18", "--global-size", "32", "--batch-size", "32", "--lo
 
 
 def test_the_demo_setting_learns_without_collapse(tmp_path, capsys):
-    """The demo cut to 2 epochs (40 steps): the kNN must beat the untrained network's by 8 points, the codes
-    must have left the flat point (entropy well below ln K, spread kept), and no collapse line is printed.
-    With the paper's --temperature 0.1 --epsilon 0.05 the same 2 epochs end flat (README)."""
-    history = swav.main(DEMO + ["--epochs", "2", "--eval-every", "1000", "--log-every", "100",
+    """The demo cut to 1 epoch (20 steps; measured 76.2 -> 88.0): the kNN must beat the untrained network's by
+    8 points, the codes must have left the flat point (entropy well below ln K, spread kept), and no collapse
+    line. With the paper's --temperature 0.1 --epsilon 0.05 the same epoch gains 8.8 points, but its codes
+    are flat (entropy 0.97 of ln K): this test fails."""
+    history = swav.main(DEMO + ["--epochs", "1", "--eval-every", "1000", "--log-every", "100",
                                 "--output-dir", str(tmp_path / "run")])["history"]
     untrained, final = history[0]["knn_top1"], history[-1]
     assert final["knn_top1"] >= untrained + 8, (untrained, final)
