@@ -58,8 +58,10 @@ def get_args_parser():
     m.add_argument("--hidden-dim", type=int, default=4096, help="projection width (SwAV's: 2048)")
     m.add_argument("--feat-dim", type=int, default=128, help="the embedding the prototypes score")
     m.add_argument("--num-prototypes", type=int, default=3000, help="K; a loss at ln K is collapse")
-    m.add_argument("--temperature", type=float, default=0.1, help="of the softmax predicting codes")
-    m.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn's; 0.03 against collapse")
+    m.add_argument("--temperature", type=float, default=0.1,
+                   help="T of the prediction; codes stay informative only while the crops' scores "
+                   "agree by more than epsilon / T (small batches: 0.025 / 0.2, README)")
+    m.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn's; see --temperature")
     m.add_argument("--sinkhorn-iterations", type=int, default=3)
     m.add_argument("--freeze-prototypes-epochs", type=float,
                    help="the prototypes are not updated for this long: paper 1 of 200 epochs")
