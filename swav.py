@@ -139,7 +139,8 @@ class SwAVNet(nn.Module):
         embeddings = F.normalize(self.projection(features), dim=1)
         # fp32 scores under autocast: Sinkhorn divides them by 0.05, bf16 would move the codes.
         with torch.autocast(embeddings.device.type, enabled=False):
-            return embeddings.float(), self.prototypes(embeddings.float())
+            embeddings = embeddings.float()  # cast once: returned and scored
+            return embeddings, self.prototypes(embeddings)
 
 
 def build_swav_net(arch, hidden_dim=4096, feat_dim=128, num_prototypes=3000):
