@@ -557,27 +557,110 @@ class SyntheticTextures(torch.utils.data.Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
+def hidden(name):
+    """Files and folders the system made, not the user: .DS_Store, macOS's AppleDouble ._x.jpg
+    (a few bytes beside every image copied from a Mac), the __MACOSX folder of its zip files."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def list_folder(folder):
+    """-> (sub-folders, [(path, real path)] of the files) of `folder`, sorted, hidden ones left
+    out. A file's real path is where its links lead, so that a file is counted once."""
+    try:
+        entries = sorted((e for e in os.scandir(folder) if not hidden(e.name)),
+                         key=lambda e: e.name)
+    except OSError as error:  # unreadable: its images would be missing without a word
+        raise UserError(f"cannot read the folder {folder!r}: {error.strerror}") from None
+    real = os.path.realpath(folder)
+    return ([e.path for e in entries if e.is_dir()],
+            [(e.path, os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name))
+             for e in entries if not e.is_dir()])
+
+
+def scan_folder(top):
+    """-> [(path, real path)] of the files at any depth under `top`, folder by folder in sorted
+    order. Links are followed, but each real folder is entered once: a folder linked twice is read
+    once, and a link to a folder above it (a loop) ends there instead of repeating its files."""
+    files, seen, stack = {}, set(), [top]
+    while stack:
+        folder = stack.pop()
+        if os.path.realpath(folder) in seen:
+            continue
+        seen.add(os.path.realpath(folder))
+        subfolders, files[folder] = list_folder(folder)
+        stack += reversed(subfolders)  # the first in sorted order is entered first
+    return [file for folder in sorted(files) for file in files[folder]]
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Images under `root`: root/<class>/<image>, or a flat folder (label 0). An unreadable image
     (broken, a bomb, over MAX_IMAGE_PIXELS) is skipped with a warning, for the next one. The count
     of bad images is in shared memory: the 1% limit is per run, with any number of loaders."""
 
-    def __init__(self, root, transform=None):
+    def __init__(self, root, transform=None, classes=None):
+        """Images at any depth below a class folder are the class's. Labels go by class name: the
+        k-th of `classes` (the train split's, for a val split), else of this folder's own, sorted,
+        those without images included, so that a class missing from one split shifts nothing."""
         if not os.path.isdir(root):
             raise UserError(f"{root!r}: no such folder")
         self.root, self.transform = root, transform
-        is_image = lambda name: name.lower().endswith(IMAGE_EXTENSIONS)
-        self.samples, self.classes = [], []
-        for c in sorted(e.name for e in os.scandir(root) if e.is_dir() and e.name[0] != "."):
-            walk = sorted(os.walk(os.path.join(root, c), followlinks=True))
-            files = [os.path.join(d, f) for d, _, fs in walk for f in sorted(fs) if is_image(f)]
-            if files:
-                self.samples += [(path, len(self.classes)) for path in files]
-                self.classes.append(c)
-        if not self.classes:  # a flat folder of unlabelled images
-            self.classes = ["unlabelled"]
-            self.samples = [(os.path.join(root, f), 0) for f in sorted(os.listdir(root))
-                            if is_image(f)]
+        is_image = lambda path: path.lower().endswith(IMAGE_EXTENSIONS)
+        subfolders, loose = list_folder(root)
+        folders = {os.path.basename(f): scan_folder(f) for f in subfolders}
+        found = loose + [file for files in folders.values() for file in files]
+        others = [path for path, _ in found if not is_image(path)]
+        images = {name: [f for f in files if is_image(f[0])] for name, files in folders.items()}
+        self.flat = not any(images.values())
+        if self.flat:  # a flat folder of unlabelled images (its sub-folders hold none)
+            images = {"unlabelled": [f for f in loose if is_image(f[0])]}
+        elif any(is_image(path) for path, _ in loose):  # of no class: ask, rather than drop them
+            raise UserError(f"{root!r} holds images beside its class folders: move them into a "
+                            "class folder (<class>/<image>), or into a folder of their own")
+        elif "train" in folders and set(folders) <= {"train", "val", "test"}:
+            # Classes named train and val are a data set's root, given for its train split.
+            raise UserError(f"{root!r} holds {'/, '.join(folders)}/ folders, not classes: pass "
+                            f"{os.path.join(root, 'train')}")
+        if classes is not None and self.flat:
+            raise UserError(
+                f"{root!r} holds no class folders, so its images have no labels: sort them into "
+                "<class>/<image> folders named as train's (ImageNet's flat val/: run valprep.sh of "
+                "the PyTorch ImageNet example in it, or move each file by LOC_val_solution.csv)")
+        self.classes = list(images if classes is None else classes)
+        label = {name: k for k, name in enumerate(self.classes)}
+        unknown = [name for name, files in images.items() if files and name not in label]
+        if unknown:
+            raise UserError(f"{root!r} has {len(unknown)} class folder(s) that train has not, so "
+                            f"no label: {', '.join(unknown[:5])}{' ...' * (len(unknown) > 5)}")
+        # A file reached by several paths (links) is counted once, with the label of the class
+        # folder it really lies in (a real folder before a linked one), else of its first path.
+        owner = {}  # real folder -> label of the class folder it is in, None if outside them all
+        for name in sorted(images, key=lambda name: os.path.islink(os.path.join(root, name))):
+            if name in label and not self.flat:
+                owner.setdefault(os.path.realpath(os.path.join(root, name)), label[name])
+        chosen = {}
+        for name, files in images.items():
+            for path, real in files:
+                folder = real.rpartition(os.sep)[0]
+                if folder not in owner:  # the folders up to a known one, or to / (None)
+                    chain = [folder]
+                    while chain[-1] not in owner and os.path.dirname(chain[-1]) != chain[-1]:
+                        chain.append(os.path.dirname(chain[-1]))
+                    owner.update(dict.fromkeys(chain, owner.get(chain[-1])))
+                chosen.setdefault(real, (path, label[name] if owner[folder] is None
+                                         else owner[folder]))
+        self.samples = sorted(chosen.values(), key=lambda sample: sample[1])  # stable: by class
+        # Said once per kind, not once per file: ImageNet's train/ alone has 1.28M files.
+        empty = [] if self.flat else [name for name, files in images.items() if not files]
+        duplicates = len(found) - len(others) - len(self.samples)
+        if duplicates:
+            warnings.warn(f"{root}: {duplicates} images reached by more than one path (links) "
+                          "are counted once")
+        if others:
+            warnings.warn(f"{root}: skipping {len(others)} files that are not images by their "
+                          f"extension ({' '.join(IMAGE_EXTENSIONS)}), e.g. {others[0]}")
+        if empty:
+            warnings.warn(f"{root}: {len(empty)} class folders hold no images (their labels are "
+                          f"kept: labels go by class name): {', '.join(empty[:5])}")
         if not self.samples:
             raise UserError(f"{root!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under it")
         self.bad = torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
@@ -634,8 +717,12 @@ def build_eval_datasets(eval_data, transform, train_transform=None, download=Tru
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(eval_data, split)):
             raise UserError(f"{eval_data!r} has no {split}/ folder (need ROOT/train, ROOT/val)")
-    return (ImageFiles(os.path.join(eval_data, "train"), train_transform or transform),
-            ImageFiles(os.path.join(eval_data, "val"), transform))
+    train = ImageFiles(os.path.join(eval_data, "train"), train_transform or transform)
+    if train.flat:
+        raise UserError(f"{os.path.join(eval_data, 'train')!r} holds no class folders: labelled "
+                        "images go in train/<class>/<image> and val/<class>/<image>")
+    # val's labels are train's class names: a class missing from either split shifts nothing
+    return train, ImageFiles(os.path.join(eval_data, "val"), transform, train.classes)
 
 
 # --- The picture: sampled boxes on the source image, the augmented crops beside it ---
