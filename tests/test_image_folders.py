@@ -52,7 +52,9 @@ class MeanColour(torch.nn.Module):
 def test_val_labels_are_train_class_names_whichever_split_lacks_a_class(tmp_path):
     colour_split(tmp_path / "lacks" / "train", ["blue", "green", "red"])
     colour_split(tmp_path / "lacks" / "val", ["green", "red"], n=2)
-    train, val = views.build_eval_datasets(str(tmp_path / "lacks"), None)
+    (tmp_path / "lacks" / "val" / "blue").mkdir()  # val's copy of the class is empty
+    with pytest.warns(UserWarning, match=r"val: 1 class folders hold no images .*: blue$"):
+        train, val = views.build_eval_datasets(str(tmp_path / "lacks"), None)
     assert train.classes == val.classes == ["blue", "green", "red"]
     assert [label for _, label in val.samples] == [1, 1, 2, 2]  # by position: 0, 0, 1, 1
 
