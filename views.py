@@ -570,7 +570,7 @@ def list_folder(folder):
         entries = sorted((e for e in os.scandir(folder) if not hidden(e.name)),
                          key=lambda e: e.name)
     except OSError as error:  # unreadable: its images would be missing without a word
-        raise UserError(f"cannot read the folder {folder!r}: {error.strerror}") from None
+        raise UserError(f"cannot read the folder {folder!r}: {error.strerror or error}") from None
     real = os.path.realpath(folder)
     return ([e.path for e in entries if e.is_dir()],
             [(e.path, os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name))
@@ -584,9 +584,10 @@ def scan_folder(top):
     files, seen, stack = {}, set(), [top]
     while stack:
         folder = stack.pop()
-        if os.path.realpath(folder) in seen:
+        real = os.path.realpath(folder)
+        if real in seen:
             continue
-        seen.add(os.path.realpath(folder))
+        seen.add(real)
         subfolders, files[folder] = list_folder(folder)
         stack += reversed(subfolders)  # the first in sorted order is entered first
     return [file for folder in sorted(files) for file in files[folder]]
