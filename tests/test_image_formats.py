@@ -1,6 +1,7 @@
-"""views.py's decode: the kinds of image files ImageNet itself holds train, on both paths, as what a
-viewer shows: CMYK and grey JPEGs, a PNG named .JPEG, palette, 16-bit, transparent and 1-bit PNGs,
-EXIF-rotated photos. Each image is made here with PIL, 16 x 16 unless said."""
+"""views.py's decode: image files of every kind PIL opens train, on both paths, as what a viewer
+shows: CMYK and grey JPEGs and a PNG named .JPEG (ImageNet's train set has these), palette, 16-bit,
+transparent and 1-bit PNGs, EXIF-rotated photos. Each image is made here with PIL, 16 x 16 unless
+said."""
 import os
 
 import pytest
