@@ -240,7 +240,33 @@ DEVICE_VIEWS_DEPARTURES = (
     "bilinear crops (averaging ceil(crop / size)^2 samples per pixel when shrinking), not PIL's "
     "bicubic; a true Gaussian blur (13 taps, reflect padding), not PIL's box approximation; float "
     "colour ops, where PIL rounds to uint8 after each op (hue differs most: PIL shifts it by whole "
-    "1/256 turns)")
+    "1/256 turns); images decoded to at most 512 px on their longer side (at --global-size 224, "
+    "scaled with it), not at full size")
+
+
+def decode_side(global_size):
+    """The longer side, in pixels, the device path decodes an image to at most: 512 at 224 px
+    crops, scaled with global_size. ImageNet's typical 500 x 375 passes unchanged, and the global
+    crops lose nothing: the smallest (0.3 of the area) of a 512 x 384 source is ~243 px of source
+    for 224 px out. What the cap costs is the detail a big source gives the smallest local crops:
+    a 0.05-scale crop is ~99 px of a 512 x 384 source for 128 px out (97 px on a 500 x 375 one),
+    where the full 2,400 x 1,800 source gives ~465 px. What it buys: a batch is at most
+    B x 3 x cap x cap bytes (50 MB for 64 images at 512) whatever the sources, where one
+    2,400 x 1,800 image among 64 made the padded batch 829 MB, and a big JPEG decodes at 1/2 to
+    1/8 scale."""
+    return round(global_size * 512 / 224)
+
+
+class BoundedDecode:
+    """The device path's loader transform: an image -> uint8 (3, h, w) of what it shows, its longer
+    side at most `max_side` (decode_image). ImageFiles reads `max_side` to decode a JPEG at reduced
+    scale; images a data set hands over decoded (synthetic, CIFAR, STL) are capped here."""
+
+    def __init__(self, max_side):
+        self.max_side = max_side
+
+    def __call__(self, image):
+        return TF.pil_to_tensor(decode_image(image, self.max_side))
 
 
 def collate_images(batch):
@@ -418,11 +444,13 @@ class DeviceMultiCrop:
         return out
 
 
-def view_pipeline(recipe, views_on="loader"):
+def view_pipeline(recipe, views_on="loader", max_side=None):
     """-> (the data set's transform, the loader's collate_fn, the device sampler or None): the
-    loader processes make the views (PIL), or only decode and DeviceMultiCrop makes them."""
+    loader processes make the views (PIL, from the full-size image), or only decode, to at most
+    max_side (None: decode_side(recipe.global_size)), and DeviceMultiCrop makes them."""
     if views_on == "device":
-        return T.PILToTensor(), collate_images, DeviceMultiCrop(recipe)
+        max_side = max_side or decode_side(recipe.global_size)
+        return BoundedDecode(max_side), collate_images, DeviceMultiCrop(recipe)
     return MultiCropTransform(recipe), None, None
 
 
@@ -678,7 +706,9 @@ class ImageFiles(torch.utils.data.Dataset):
                     if f.width * f.height > MAX_IMAGE_PIXELS:
                         raise ValueError(f"{f.width} x {f.height} pixels, more than "
                                          f"views.MAX_IMAGE_PIXELS = {MAX_IMAGE_PIXELS}")
-                    image = f.convert("RGB")
+                    # Decoded here, not in the transform, to be skipped if it fails; a transform
+                    # with a max_side (BoundedDecode) gets a big JPEG decoded at reduced scale.
+                    image = decode_image(f, getattr(self.transform, "max_side", None))
             except (OSError, ValueError, Image.DecompressionBombError) as error:
                 if not self.bad[k]:
                     self.bad[k] = True
@@ -689,6 +719,43 @@ class ImageFiles(torch.utils.data.Dataset):
                 continue
             return (self.transform(image) if self.transform else image), label
         raise UserError(f"no readable image under {self.root}")
+
+
+BACKGROUND = (255, 255, 255)  # under transparent pixels: a viewer's white page
+EXIF_ORIENTATION = 0x0112
+
+
+def decode_image(image, max_side=None):
+    """A PIL image, opened from a file or decoded -> a new RGB image of what a viewer shows, its
+    longer side at most max_side (None: full size, the paper's pipeline). convert("RGB") alone
+    would train on something else: a photo as stored, not as the camera was turned (EXIF); 16-bit
+    greys clipped to white; the colour hidden under transparent pixels. What cannot be shown as
+    RGB raises ValueError or OSError, for ImageFiles to skip."""
+    if max_side and max(image.size) > max_side:
+        # A no-op but on a JPEG not yet decoded: its decoder works at 1/2, 1/4 or 1/8 scale, the
+        # smallest that keeps twice the final size (as PIL's thumbnail, reducing_gap=2), which the
+        # antialiased resize below takes down as well as it would the full-size image.
+        scale = 2 * max_side / max(image.size)
+        image.draft("RGB", (round(image.width * scale), round(image.height * scale)))
+    try:
+        turned = image.getexif().get(EXIF_ORIENTATION, 1) != 1  # the camera was turned
+    except SyntaxError:  # PIL's word for a broken EXIF block (a PNG's, a WebP's): pixels are fine
+        turned = False
+    if turned:
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "F":
+        raise ValueError("32-bit float pixels, in no agreed range of values")
+    if image.mode.startswith("I"):  # 16-bit greys (I;16*, and I as older PILs read 16-bit PNGs)
+        image = image.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    if image.mode.endswith(("A", "a")) or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, BACKGROUND)
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    image = image.convert("RGB")  # a new image also when it was RGB: the caller closes the file
+    if max_side and max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, Image.BICUBIC)  # antialiased: the filter widens as it shrinks
+    return image
 
 
 def build_dataset(data, transform=None, split="train", download=True):
@@ -776,7 +843,7 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="views.png")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
-    source = Image.open(args.image)
+    source = decode_image(Image.open(args.image))
     rows = []
     for name in (["baseline", "light"] if args.compare else [args.recipe]):
         recipe = get_recipe(args.method, name, args.vit)

@@ -6,11 +6,13 @@ import collections
 import dataclasses
 import math
 
+import PIL.ImageFile
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
+from PIL import Image
 
 import views
 import views as dv
@@ -51,6 +53,36 @@ def test_collate_pads_with_edges_and_keeps_true_sizes():
         assert torch.equal(padded[:, :h, :w], image)
         assert torch.equal(padded[:, :h, w:], image[:, :, -1:].expand(-1, -1, 30 - w))  # last column repeated
         assert torch.equal(padded[:, h:], padded[:, h - 1:h].expand(-1, 25 - h, -1))  # last row repeated
+
+
+def test_big_jpegs_are_decoded_small_so_that_a_batch_is_bounded(tmp_path, monkeypatch):
+    """--views-on device at 224 px: the loader decodes every image to at most 512 px on its longer
+    side, so a batch with a 2,400 x 1,800 and a 5,000 x 4,000 JPEG is at most B x 3 x 512 x 512
+    bytes (it was B x 3 x 4,000 x 5,000). The JPEG decoder itself works at 1/2 and 1/4 scale, the
+    picture keeps its aspect and content; images handed over decoded are capped too, and the
+    loader path (the paper's) still gets the full-size image."""
+    shapes = [(2400, 1800), (5000, 4000), (500, 375), (300, 200), (375, 500)]  # (w, h)
+    for k, (w, h) in enumerate(shapes):
+        image = Image.new("RGB", (w, h), (220, 20, 20))
+        image.paste((20, 20, 220), (w // 2, 0, w, h))  # left half red, right half blue
+        image.save(tmp_path / f"{k}.jpg", quality=90)
+    transform, collate, _ = views.view_pipeline(views.get_recipe("dino", "light"), "device")
+    decoded, load = {}, PIL.ImageFile.ImageFile.load  # path: size decoded at
+    monkeypatch.setattr(PIL.ImageFile.ImageFile, "load",
+                        lambda image: decoded.update({image.filename: image.size}) or load(image))
+    dataset = views.ImageFiles(str(tmp_path), transform)
+    images, sizes, _ = collate([dataset[k] for k in range(len(shapes))])
+    assert images.dtype == torch.uint8 and images.numel() <= len(shapes) * 3 * 512 * 512
+    assert sizes.tolist() == [[384, 512], [410, 512], [375, 500], [200, 300], [500, 375]]
+    assert list(decoded.values()) == [(1200, 900), (1250, 1000)] + shapes[2:]
+    for image, (h, w) in zip(images.int(), sizes.tolist()):
+        left, right = image[:, :h, :w // 2 - 2], image[:, :h, w // 2 + 2:w]
+        assert (left - torch.tensor([220, 20, 20]).view(3, 1, 1)).abs().max() <= 6
+        assert (right - torch.tensor([20, 20, 220]).view(3, 1, 1)).abs().max() <= 6
+    assert transform(Image.new("RGB", (1000, 600))).shape == (3, 307, 512)
+    assert views.ImageFiles(str(tmp_path))[0][0].size == (2400, 1800)
+    recipe_112 = views.get_recipe("dino", "light", global_size=112)
+    assert views.view_pipeline(recipe_112, "device")[0].max_side == 256
 
 
 @pytest.mark.parametrize("scale", [(0.3, 1.0), (0.05, 0.3)])
