@@ -10,10 +10,12 @@ from PIL import Image
 from conftest import ROOT
 
 # Words that describe how the work was done rather than the project (project issue 26); a user
-# cannot know what they refer to. `round(` (Python's builtin, torch's .round()) is code, not a word.
-PROCESS_WORDS = [r"\bsessions?\b", r"(?<![.\w])rounds?\b(?!\()", r"\baim(s|ed|ing)?\b",
-                 r"\bgoals?\b", r"\blent\b", r"\bthe card\b", r"reader's edition", r"\bCI-class\b",
-                 r"\bearlier machines?\b"]
+# cannot know what they refer to. "round" counts as such a word only as a stage of work ("this
+# round", "round's"), not as a verb (bf16 rounds) or Python's round().
+PROCESS_WORDS = [r"\bsessions?\b",
+                 r"\bround's\b|\b(this|that|an earlier|the previous|the next) round\b",
+                 r"\baim(s|ed|ing)?\b", r"\bgoals?\b", r"\blent\b", r"\bthe card\b",
+                 r"reader's edition", r"\bCI-class\b", r"\bearlier machines?\b"]
 
 
 def tracked_text_files():
