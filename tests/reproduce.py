@@ -4,9 +4,9 @@ For each (method, arch) it pre-trains with --recipe baseline and --recipe light,
 both backbones with kNN (k 20, T 0.07) and the linear probe, and prints one table. Every run is a
 plain command of this repo (printed before it starts), its output dir lives under --output-dir,
 and a finished step is skipped when the command is run again, so a long reproduction can be
-spread over several sessions (pre-training resumes from its checkpoint).
+spread over several sittings (pre-training resumes from its checkpoint).
 
-    mkdir -p data && tar -xzf ../shared/data/imagenette2-112.tar.gz -C data/
+    # data/imagenette2-112: the 112 px Imagenette, made as docs/data.md says
     python tests/reproduce.py --data data/imagenette2-112 --global-size 112 --epochs 50 \
         --runs dino:resnet18 dino:mobilenet_v2 dino:vit_tiny moco:mobilenet_v2
     python tests/reproduce.py ... --dry-run        # only print the commands
