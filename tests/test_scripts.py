@@ -129,6 +129,16 @@ def test_make_imagenet_like_has_imagenets_sizes(tmp_path):
     assert 60 < info["mean_kb"] < 400 and len(os.listdir(os.path.join(root, "train"))) == 10
 
 
+def test_benchmark_train_runs_end_to_end(tmp_path):
+    """JPEGs -> loader -> Prefetcher -> device-sampled views -> MoCo's step, over several epochs."""
+    data = make_image_folder(tmp_path / "images", n_per_class=4)
+    result = benchmark.benchmark_train(options(data=data, method="moco", views_on="device",
+                                               steps=3))
+    assert result["img_per_s"] > 0 and result["mode"] == "train" and result["views_on"] == "device"
+    # 2 batches an epoch: the clock stops at an epoch's end, after 2 whole epochs.
+    assert (result["batches"], result["epochs"]) == (4, 2) and "JPEG on disk" in result["timed"]
+
+
 def test_reproduce_prints_its_commands(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "reproduce.py"),
                              "--data", str(tmp_path), "--runs", "dino:resnet18", "--dry-run"],
