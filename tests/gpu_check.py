@@ -41,7 +41,7 @@ Stages (budgets in seconds: 505 in all, 35 s of the 9 minutes left for Python's 
 Without the archive pretrain is recorded as skipped.
 
 --smoke runs every stage's commands on the CPU at tiny sizes (batch 8, 32 px crops, 1 timed step,
-1 epoch, a tiny generated JPEG folder unless --data-archive is given, 24 ImageNet-sized JPEGs; the
+1 epoch, a tiny generated JPEG folder unless --data-archive is given, 16 ImageNet-sized JPEGs; the
 tests stage only collects the cuda tests, which skip without CUDA; --compile through dynamo's eager
 backend, no code generation), two stages at a time, so that the GPU run cannot fail on a typo.
 """
@@ -193,7 +193,7 @@ class Check:
             os.killpg(process.pid, signal.SIGKILL)
             try:
                 output, _ = process.communicate(timeout=30)
-            except subprocess.TimeoutExpired:  # a child that left the session holds the pipe
+            except subprocess.TimeoutExpired:  # a child that left the group holds the pipe
                 output = b"(no output: the pipe stayed open after the kill)"
             rc = 124
         output, wall = clean(output.decode(errors="replace")), round(time.time() - start, 1)
@@ -303,7 +303,7 @@ def stage_data(check, deadline, context):
     context["data"] = prepare_archive(check, context["archive"], context["archive_given"],
                                       context["tmp"], deadline)
     root = os.path.join(context["tmp"], "imagenet_like")
-    count = 24 if check.smoke else IMAGENET_LIKE
+    count = 16 if check.smoke else IMAGENET_LIKE  # smoke: 2 batches of 8 an epoch
     snippet = ("import json, sys; sys.path.insert(0, 'tests'); import benchmark; "
                f"benchmark.make_imagenet_like({root!r}, {count}, "
                f"workers={len(os.sched_getaffinity(0))}); "
@@ -431,7 +431,8 @@ def run_benchmark(check, stage, what, cmd, timeout):
             f"{p['main_process_cpu_ms_per_image']} ms/img on {p['main_process_on']}"
             for name, p in result["paths"].items())
     else:
-        epochs = f" ({result['epochs']} epochs)" if "epochs" in result else ""
+        n = result.get("epochs")
+        epochs = f" ({n} epoch{'s' * (n != 1)})" if n else ""
         first = f", first step {result['first_step_s']} s" if result["compile"] else ""
         text = f"{result['batches']} batches{epochs} in {result['seconds']} s{first}"
     if rc:
