@@ -1,36 +1,49 @@
-"""One command for a GPU session: environment, the CUDA tests, throughput, end to end from JPEG,
-a short baseline-vs-light pre-training, and AMP / compile runs of the scripts, in at most 9 minutes.
+"""One command for a GPU machine: environment, the CUDA tests, throughput, end to end from
+ImageNet-sized JPEGs, a pilot baseline-vs-light pre-training, AMP runs of the scripts and one
+compiled step, in at most 9 minutes.
 
-    python3 tests/gpu_check.py --out OUT              # on a GPU machine (one H200, 16 cores)
+    python3 tests/gpu_check.py --out OUT              # on a GPU machine (one H100 / H200, 16 cores)
     python3 tests/gpu_check.py --smoke --out /tmp/gc  # every stage tiny on the CPU, a typo check
 
 Every command runs in its own subprocess with its own timeout, so a failure or a hang costs only
 its own time. Each stage ends at a fixed point of the schedule (the running sum of BUDGETS), so time
 a stage leaves unused goes to the next one, and the whole check ends within --budget seconds.
 Results are appended to OUT/results.jsonl as they come (a kill keeps what was done), OUT/summary.md
-(a markdown table for the README) is rewritten after each stage, and OUT/gpu_check.log holds every
-command and its whole output (progress bars reduced to their last state).
+(a markdown table for the README, its header the GPU, driver, torch, CUDA and commit) is rewritten
+after each stage, and OUT/gpu_check.log holds every command and its whole output (progress bars
+reduced to their last state).
 
-Stages (budgets in seconds, 540 in all):
-  env (20)       GPU, driver, torch / torchvision / Python / CUDA versions, cores
-  tests (85)     python3 -m pytest -q -m "cuda or slow" tests, SSLIGHT_SLOW=1
-  step (160)     tests/benchmark.py step, batch 128, bf16: DINO ViT-Tiny 2x224 + 6x96 K 65,536,
-                 DINO ResNet18 / MobileNetV2 light, MoCo and SwAV ResNet18 light, eager; then
-                 --compile in order of importance while the stage's time lasts
-  e2e (60)       tests/benchmark.py train, DINO ResNet18 light at 224 px from the 112 px
-                 Imagenette JPEGs, 15 workers: views on loader / device, prefetch 1 / 0
-  pretrain (130) dino.py on Imagenette at 112 px, --recipe baseline then light, identical
-                 otherwise, kNN each epoch (epoch 0 = untrained); epochs chosen from the budget
-  scripts (40)   dino.py, moco_v2.py, swav.py: 1 epoch on the synthetic set, --amp bf16 and fp16,
-                 all at once; rc 0 and finite losses in log.jsonl
-  compile (45)   the same three with --amp bf16 --compile, all at once
-Data: --data-archive (default data/imagenette2-112.tar.gz) is unpacked once into a temporary
-folder; without it e2e and pretrain are recorded as skipped.
+Stages (budgets in seconds: 505 in all, 35 s of the 9 minutes left for Python's start and the end):
+  data (25)      unpack --data-archive (Imagenette at 112 px) and generate 2,560 ImageNet-sized
+                 JPEGs (tests/benchmark.py make_imagenet_like), before the clock of any stage
+                 that needs them
+  env (40)       GPU, driver, torch / torchvision / Python / CUDA versions, cores, /dev/shm's size
+                 (15 loaders x 2 batches in flight need ~3 GiB there); a first CUDA start can
+                 take 20 s
+  tests (60)     the tests marked cuda, each result printed as it ends (pytest -v); the NCCL test
+                 (torchrun, one process on the one GPU: NCCL's start, no DDP wrapper) apart, with
+                 the stage's last 20 s
+  step (55)      tests/benchmark.py step, batch 128, bf16, eager: DINO ResNet18 light, DINO
+                 ViT-Tiny 2x224 + 6x96 K 65,536, DINO MobileNetV2 light, MoCo and SwAV ResNet18
+                 light, in that order while the stage's time lasts
+  e2e (80)       on the generated ImageNet-sized JPEGs, DINO ResNet18 light at 224 px: JPEG ->
+                 loss with 15 loaders (tests/benchmark.py train), views by PIL in the loaders /
+                 on the GPU, whole epochs timed after a warm-up epoch; then the CPU ms per image
+                 of both input paths' parts (tests/benchmark.py data, 128 images)
+  pretrain (95)  a pilot: dino.py on Imagenette at 112 px, --recipe baseline then light, identical
+                 otherwise, kNN each epoch (epoch 0 = untrained), epochs chosen to end with a
+                 margin. A few epochs on one seed cannot separate the recipes: its epoch time
+                 sizes the next GPU run
+  scripts (30)   dino.py, moco_v2.py, swav.py: 1 epoch on the synthetic set, --amp bf16 and fp16,
+                 all at once; rc 0 and finite losses in log.jsonl (six runs share the GPU: no img/s)
+  compile (120)  tests/benchmark.py step --compile of DINO ResNet18 light: a cold compile alone,
+                 its first step (the compile) and its img/s beside the eager one
+Without the archive pretrain is recorded as skipped.
 
 --smoke runs every stage's commands on the CPU at tiny sizes (batch 8, 32 px crops, 1 timed step,
-1 epoch, a tiny generated JPEG folder unless --data-archive is given; the tests stage only collects
-the cuda tests, which skip without CUDA; --compile through dynamo's eager backend, no code
-generation), two stages at a time, so that the GPU session cannot fail on a typo.
+1 epoch, a tiny generated JPEG folder unless --data-archive is given, 16 ImageNet-sized JPEGs; the
+tests stage only collects the cuda tests, which skip without CUDA; --compile through dynamo's eager
+backend, no code generation), two stages at a time, so that the GPU run cannot fail on a typo.
 """
 import argparse
 import concurrent.futures
@@ -49,34 +62,43 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
-BUDGETS = dict(env=20, tests=85, step=160, e2e=60, pretrain=130, scripts=40, compile=45)
+# The stages' seconds on a GPU (see the docstring): 505 of the 540 that fit 9 minutes.
+BUDGETS = dict(data=25, env=40, tests=60, step=55, e2e=80, pretrain=95, scripts=30, compile=120)
+TOTAL_S = 540
+NCCL_TEST = "tests/test_gpu_paths.py::test_torchrun_one_process_per_gpu"
+NCCL_S = 20  # the tests stage's last seconds, for the NCCL test: torchrun and NCCL's start
+IMAGENET_LIKE = 2560  # 20 batches of 128 an epoch: a few seconds an epoch with 15 loaders
 # --smoke: per stage and in all, only guards against a hang, on 2 cores that others may share
 SMOKE_BUDGET, SMOKE_TOTAL = 600, 1800
 # Pre-training: the epoch count that fits its budget, from an estimate of one epoch of Imagenette
 # (9,469 images at 112 px, 15 workers, kNN included) and of a run's fixed costs (start, epoch 0's
-# kNN, saves). Both are guesses until a GPU run measures them: see the stage's wall times.
-PRETRAIN_EPOCH_S, PRETRAIN_OVERHEAD_S = 9.0, 20.0
+# kNN, saves), with a margin: a run killed at its timeout reports no last epoch. The estimates
+# are guesses until a GPU run measures them: see the pilot's wall times and img/s.
+PRETRAIN_EPOCH_S, PRETRAIN_OVERHEAD_S, PRETRAIN_MARGIN_S = 9.0, 20.0, 8.0
 RESULTS, SUMMARY, LOG = "results.jsonl", "summary.md", "gpu_check.log"
 
-# The step stage's networks; "compile" orders the --compile runs, most wanted first.
+# The step stage's networks, most wanted first; the first is also the compile stage's.
 STEP_RUNS = [
+    dict(name="DINO ResNet18 light", method="dino", arch="resnet18", recipe="light"),
     dict(name="DINO ViT-Tiny 2x224+6x96 K 65536", method="dino", arch="vit_tiny",
-         recipe="baseline", local_crops=6, out_dim=65536, compile=2),
-    dict(name="DINO ResNet18 light", method="dino", arch="resnet18", recipe="light", compile=1),
-    dict(name="DINO MobileNetV2 light", method="dino", arch="mobilenet_v2", recipe="light",
-         compile=3),
-    dict(name="MoCo ResNet18 light", method="moco", arch="resnet18", recipe="light", compile=4),
-    dict(name="SwAV ResNet18 light", method="swav", arch="resnet18", recipe="light", compile=5),
+         recipe="baseline", local_crops=6, out_dim=65536),
+    dict(name="DINO MobileNetV2 light", method="dino", arch="mobilenet_v2", recipe="light"),
+    dict(name="MoCo ResNet18 light", method="moco", arch="resnet18", recipe="light"),
+    dict(name="SwAV ResNet18 light", method="swav", arch="resnet18", recipe="light"),
 ]
-E2E_ARMS = [("loader", 1), ("device", 1), ("device", 0), ("loader", 0)]
+E2E_ARMS = [("loader", "PIL views in the loaders"), ("device", "views on the GPU")]
 SCRIPTS = {"dino": "dino.py", "moco": "moco_v2.py", "swav": "swav.py"}
 
 ENV_SNIPPET = """
-import json, os, platform
+import json, os, platform, shutil
 import torch
 info = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version(), cuda_available=torch.cuda.is_available(),
             cpu_count=os.cpu_count(), usable_cores=len(os.sched_getaffinity(0)))
+try:
+    info["dev_shm_gib"] = round(shutil.disk_usage("/dev/shm").total / 2**30, 2)
+except OSError as error:
+    info["dev_shm_gib"] = f"absent: {error}"
 try:
     import torchvision
     info["torchvision"] = torchvision.__version__
@@ -89,6 +111,21 @@ if torch.cuda.is_available():
                 bf16=torch.cuda.is_bf16_supported())
 print(json.dumps(info))
 """
+
+
+def commit_id():
+    """The checkout's commit: from git where .git came along, else $SSLIGHT_COMMIT (set it when
+    copying the tree without .git), else unknown."""
+    try:
+        out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip() + (" (uncommitted changes)" if subprocess.run(
+                ["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True, text=True, timeout=10).stdout.strip() else "")
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return os.environ.get("SSLIGHT_COMMIT", "unknown (no .git, no $SSLIGHT_COMMIT)")
 
 
 def clean(text):
@@ -120,6 +157,7 @@ class Check:
         self.out, self.smoke, self.start = out, smoke, time.time()
         self.deadline = self.start + budget
         self.rows, self.lock = [], threading.Lock()
+        self.header = dict(commit=commit_id())  # and the env stage's GPU, driver, torch, CUDA
         self.log_file = open(os.path.join(out, LOG), "a")
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
         if smoke:  # the CPU's check, on any machine; one thread a process: they run side by side
@@ -142,8 +180,8 @@ class Check:
         return left if self.smoke else min(seconds, left)
 
     def run(self, cmd, timeout, env=None):
-        """-> (rc, wall seconds, output). The command runs in a session of its own, so a timeout
-        ends it with its children (loader processes, compile workers): rc 124."""
+        """-> (rc, wall seconds, output). The command leads a process group of its own, so a
+        timeout ends it with its children (loader processes, compile workers): rc 124."""
         start = time.time()
         process = subprocess.Popen(cmd, cwd=ROOT, env=dict(self.env, **(env or {})),
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -155,7 +193,7 @@ class Check:
             os.killpg(process.pid, signal.SIGKILL)
             try:
                 output, _ = process.communicate(timeout=30)
-            except subprocess.TimeoutExpired:  # a child that left the session holds the pipe
+            except subprocess.TimeoutExpired:  # a child that left the group holds the pipe
                 output = b"(no output: the pipe stayed open after the kill)"
             rc = 124
         output, wall = clean(output.decode(errors="replace")), round(time.time() - start, 1)
@@ -192,15 +230,16 @@ class Check:
         head = ["stage", "what", "settings", "result", "img/s", "peak GiB", "status"]
         cell = lambda v: "" if v is None else str(v).replace("|", "/").replace("\n", " ")
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        order = ["data"] + list(STAGES)
+        order = list(STAGES)
         with self.lock:  # stage order, whatever order parallel stages finished in
             for r in sorted(self.rows, key=lambda r: order.index(r["stage"])):
                 values = [r["stage"], r["what"], r["settings"], r["result"], r["img_per_s"],
                           r["peak_gib"], r["status"]]
                 lines.append("| " + " | ".join(cell(v) for v in values) + " |")
         mode = "smoke (CPU, tiny sizes: no numbers to keep)" if self.smoke else "GPU"
+        facts = ", ".join(f"{k} {v}" for k, v in self.header.items())
         text = (f"# tests/gpu_check.py, {mode}\n\n{time.strftime('%Y-%m-%d %H:%M')}, "
-                f"{time.time() - self.start:.0f} s\n\n" + "\n".join(lines) + "\n")
+                f"{time.time() - self.start:.0f} s; {facts}\n\n" + "\n".join(lines) + "\n")
         with open(os.path.join(self.out, SUMMARY), "w") as f:
             f.write(text)
         return text
@@ -228,10 +267,9 @@ def make_tiny_folder(root, classes=3, train=4, val=2, size=48):
     return root
 
 
-def prepare_data(check, args, tmp):
+def prepare_archive(check, archive, given, tmp, deadline):
     """-> the root of train/ and val/, or None with the reason recorded."""
-    archive = args.data_archive
-    if check.smoke and not args.data_archive_given:
+    if check.smoke and not given:
         started = time.time()
         root = make_tiny_folder(os.path.join(tmp, "tiny"))
         check.record("data", "tiny generated ImageFolder", "3 classes, 4 + 2 JPEGs each, 48 px",
@@ -243,7 +281,7 @@ def prepare_data(check, args, tmp):
     target = os.path.join(tmp, "data")
     os.makedirs(target)
     cmd = ["tar", "-xzf", os.path.abspath(archive), "-C", target]
-    rc, wall, output = check.run(cmd, 90)
+    rc, wall, output = check.run(cmd, check.remaining(deadline))
     roots = [os.path.join(target, d) for d in sorted(os.listdir(target))
              if os.path.isdir(os.path.join(target, d, "train"))]
     if rc == 0 and os.path.isdir(os.path.join(target, "train")):
@@ -257,6 +295,28 @@ def prepare_data(check, args, tmp):
                      rc, wall, output, cmd, result=counts and f"{counts['train']} train / "
                      f"{counts['val']} val images")
     return root
+
+
+def stage_data(check, deadline, context):
+    """Imagenette (pretrain) unpacked, and the ImageNet-sized JPEGs (e2e) generated on every
+    core."""
+    context["data"] = prepare_archive(check, context["archive"], context["archive_given"],
+                                      context["tmp"], deadline)
+    root = os.path.join(context["tmp"], "imagenet_like")
+    count = 16 if check.smoke else IMAGENET_LIKE  # smoke: 2 batches of 8 an epoch
+    snippet = ("import json, sys; sys.path.insert(0, 'tests'); import benchmark; "
+               f"benchmark.make_imagenet_like({root!r}, {count}, "
+               f"workers={len(os.sched_getaffinity(0))}); "
+               f"print(json.dumps(benchmark.describe_images({os.path.join(root, 'train')!r})))")
+    cmd = [PY, "-c", snippet]
+    rc, wall, output = check.run(cmd, check.remaining(deadline))
+    info = last_json(output) if rc == 0 else None
+    context["imagenet_like"] = info and os.path.join(root, "train")
+    result = info and (f"{info['count']} JPEGs, mean {info['mean_kb']} KB, longer side (px) "
+                       f"{info['longer_side_px']}, largest {info['largest']}")
+    check.record_run("data", "generate ImageNet-sized JPEGs", "make_imagenet_like, 10 classes",
+                     rc if info or rc else 1, wall, output, cmd, result=result or "",
+                     image_set=info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,45 +335,58 @@ def stage_env(check, deadline, context):
     else:
         info["nvidia_smi"] = "absent"
     context["env"] = info
+    check.header.update(gpu=info.get("gpu", "none"), nvidia_smi=info["nvidia_smi"],
+                        torch=info.get("torch"), cuda=info.get("cuda"))
     result = (f"{info.get('gpu', 'no GPU')}, nvidia-smi: {info['nvidia_smi']}, torch "
               f"{info.get('torch')}, torchvision {info.get('torchvision')}, Python "
               f"{info.get('python')}, CUDA {info.get('cuda')}, cuDNN {info.get('cudnn')}, "
-              f"{info.get('usable_cores')} of {info.get('cpu_count')} cores usable")
+              f"{info.get('usable_cores')} of {info.get('cpu_count')} cores usable, /dev/shm "
+              f"{info.get('dev_shm_gib')} GiB (15 loaders x 2 batches in flight: ~3 GiB)")
     check.record_run("env", "environment", "", rc, wall, output, cmd,
                      result=result if rc == 0 else "", env=info)
 
 
-def pytest_counts(output):
-    for line in reversed(output.splitlines()):
-        counts = re.findall(r"(\d+) (passed|failed|skipped|deselected|errors?|xfailed|xpassed)",
-                            line)
-        if counts and " in " in line:
-            return {kind.rstrip("s") if kind == "errors" else kind: int(n) for n, kind in counts}
-    return {}
+def pytest_results(output):
+    """pytest -v's line per finished test -> {test id: PASSED / FAILED / ...}: also those that
+    ended before a timeout."""
+    results = {}
+    for line in output.splitlines():
+        match = re.match(r"(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b", line)
+        if match:
+            results[match.group(1)] = match.group(2)
+    return results
 
 
 def stage_tests(check, deadline, context):
-    if check.smoke:  # no CUDA here: the cuda tests are collected and skipped, nothing heavy runs
-        marker, env, what = "cuda", {}, "pytest -m cuda (smoke: collected and skipped)"
-    else:
-        marker, env, what = "cuda or slow", {"SSLIGHT_SLOW": "1"}, "pytest -m 'cuda or slow'"
+    """The tests marked cuda (on the CPU of the smoke check: collected and skipped), each result
+    printed as it ends; the NCCL test in a run of its own on the stage's last NCCL_S seconds, so
+    that a hang in NCCL's start costs only those."""
+    pytest = [PY, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", "-m", "cuda"]
     # This check's own smoke test is no CUDA test: never run it from here, marked or not.
-    cmd = [PY, "-m", "pytest", "-q", "-rfE", "--durations=10", "-p", "no:cacheprovider",
-           "--ignore", os.path.join("tests", "test_gpu_check.py"), "-m", marker, "tests"]
-    rc, wall, output = check.run(cmd, check.remaining(deadline), env)
-    counts = pytest_counts(output)
-    failed = [line for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
-    result = ", ".join(f"{n} {kind}" for kind, n in counts.items()) + f" in {wall:.0f} s"
-    result = result if counts else ""
-    if rc == 5:  # pytest: no test selected
-        rc, result = 0, f"no test marked {marker!r} selected"
-    check.record_run("tests", what, "SSLIGHT_SLOW=1" if env else "", rc, wall, output, cmd,
-                     result=result, counts=counts, failed_tests=failed[:30])
+    runs = [("the cuda tests but NCCL's", deadline - NCCL_S,
+             ["--ignore", os.path.join("tests", "test_gpu_check.py"), "--deselect", NCCL_TEST,
+              "tests"]),
+            ("NCCL: torchrun, one process on the one GPU, no DDP wrapper", deadline, [NCCL_TEST])]
+    for what, end, selection in runs:
+        cmd = pytest + selection
+        rc, wall, output = check.run(cmd, check.remaining(end))
+        results = pytest_results(output)
+        counts = {}
+        for status in results.values():
+            counts[status.lower()] = counts.get(status.lower(), 0) + 1
+        result = ", ".join(f"{n} {kind}" for kind, n in counts.items()) + f" in {wall:.0f} s"
+        if rc == 5:  # pytest: no test selected
+            rc, result = 0, "no test marked cuda selected"
+        failed = [test for test, status in results.items() if status in ("FAILED", "ERROR")]
+        check.record_run("tests", what, "pytest -v -m cuda" + (" (smoke: no CUDA, skipped)"
+                                                               if check.smoke else ""),
+                         rc, wall, output, cmd, result=result, counts=counts, tests=results,
+                         failed_tests=failed)
 
 
 def benchmark_cmd(mode, run, check, **flags):
     """tests/benchmark.py's command line: `run`'s network, the stage's flags, the check's sizes."""
-    options = {k: v for k, v in run.items() if k not in ("name", "compile")}
+    options = {k: v for k, v in run.items() if k != "name"}
     options.update(batch_size=128, device="cuda", **flags)
     if check.smoke:
         options.update(batch_size=8, global_size=32, local_crops=2, steps=1, min_seconds=0,
@@ -337,59 +410,72 @@ def describe(result):
             f"{result['amp']}, {'compiled' if result['compile'] else 'eager'}")
     if result.get("head"):
         text += f", {result['head']}"
-    if result["mode"] != "step":
+    if result["mode"] == "train":
         text += (f", views on {result['views_on']}, prefetch {result['prefetch']}, "
                  f"{result['workers']} workers")
     return text
 
 
 def run_benchmark(check, stage, what, cmd, timeout):
+    """A benchmark's JSON line is its result whatever its return code: a process that printed it
+    and then timed out (or failed) on its way out keeps the measurement, the rc noted."""
     rc, wall, output = check.run(cmd, timeout)
-    result = last_json(output) if rc == 0 else None
+    result = last_json(output)
     if result is None:
-        return check.record_run(stage, what, "", rc or 1, wall, output, cmd)
-    first = f", first step {result['first_step_s']} s" if result["compile"] else ""
-    return check.record_run(
-        stage, what, describe(result), rc, wall, output, cmd,
-        result=f"{result['batches']} batches in {result['seconds']} s{first}",
-        img_per_s=result["img_per_s"], peak_gib=result["peak_memory_gib"], benchmark=result)
+        return check.record_run(stage, what, "", rc or 1, wall, output, cmd), None
+    if result["mode"] == "data":
+        text = "; ".join(
+            f"{name}: loader {p['loader_cpu_ms_per_image']} ms/img ("
+            + ", ".join(f"{k} {v}" for k, v in p["loader_split_ms"].items())
+            + f") -> {p['projected_img_per_s']} img/s with 15 loaders, main process "
+            f"{p['main_process_cpu_ms_per_image']} ms/img on {p['main_process_on']}"
+            for name, p in result["paths"].items())
+    else:
+        n = result.get("epochs")
+        epochs = f" ({n} epoch{'s' * (n != 1)})" if n else ""
+        first = f", first step {result['first_step_s']} s" if result["compile"] else ""
+        text = f"{result['batches']} batches{epochs} in {result['seconds']} s{first}"
+    if rc:
+        text += f"; rc {rc} after its result line (see the log)"
+    entry = check.record(stage, what, describe(result), text, img_per_s=result.get("img_per_s"),
+                         peak_gib=result.get("peak_memory_gib"), rc=rc, wall_s=wall,
+                         cmd=shlex.join(cmd), benchmark=result, tail=tail(output) if rc else None)
+    return entry, result
 
 
 def stage_step(check, deadline, context):
-    timing = dict(steps=30, min_seconds=4, warmup=5)  # the smoke sizes replace them
+    timing = dict(steps=20, min_seconds=3, warmup=5)  # the smoke sizes replace them
     for run in STEP_RUNS:
         if check.remaining(deadline) < 10:
             check.skip("step", run["name"] + ", eager", "the stage's time is spent")
             continue
         cmd = benchmark_cmd("step", run, check, amp="bf16", **timing)
-        run_benchmark(check, "step", run["name"], cmd, check.cap(60, deadline))
-    # Compiling costs ~30-90 s a network: the most wanted first, while the stage's time lasts.
-    # The smoke check compiles one network (cheaply, see main) to test the path.
-    compiled = sorted(STEP_RUNS, key=lambda r: r["compile"])[:1 if check.smoke else None]
-    for run in compiled:
-        if check.remaining(deadline) < 30:
-            check.skip("step", run["name"] + ", compiled", "the stage's time is spent")
-            continue
-        cmd = benchmark_cmd("step", run, check, amp="bf16", compile=True, **timing)
-        run_benchmark(check, "step", run["name"] + ", compiled", cmd, check.remaining(deadline))
+        run_benchmark(check, "step", run["name"], cmd, check.cap(25, deadline))
 
 
 def stage_e2e(check, deadline, context):
-    run = dict(method="dino", arch="resnet18", recipe="light")
-    for views_on, prefetch in E2E_ARMS:
-        what = f"DINO ResNet18 JPEG -> loss, views on {views_on}, prefetch {prefetch}"
-        if not context.get("data"):
-            check.skip("e2e", what, context.get("no_data", "no data"))
+    """On the generated ImageNet-sized JPEGs: the two arms end to end, then the per-part costs."""
+    data, run = context.get("imagenet_like"), STEP_RUNS[0]
+    label = "ImageNet-sized JPEGs"
+    for views_on, name in E2E_ARMS:
+        what = f"DINO ResNet18 JPEG -> loss, {name}, 15 loaders, {label}"
+        if not data or check.remaining(deadline) < 15:
+            check.skip("e2e", what, "no generated JPEGs" if not data
+                       else "the stage's time is spent")
             continue
-        if check.remaining(deadline) < 15:
-            check.skip("e2e", what, "the stage's time is spent")
-            continue
-        flags = dict(steps=40, min_seconds=4, warmup=5, workers=15, global_size=224)
-        if check.smoke:
-            flags = dict(workers=1)
-        cmd = benchmark_cmd("train", run, check, amp="bf16", views_on=views_on, prefetch=prefetch,
-                            data=os.path.join(context["data"], "train"), **flags)
-        run_benchmark(check, "e2e", what, cmd, check.cap(45, deadline))
+        # 20 batches an epoch: a warm-up epoch, then >= 1 whole epoch and >= 6 s on the clock
+        flags = dict(workers=1) if check.smoke else dict(steps=20, min_seconds=6, warmup=1,
+                                                          workers=15, global_size=224)
+        cmd = benchmark_cmd("train", run, check, amp="bf16", views_on=views_on, prefetch=1,
+                            data=data, **flags)
+        run_benchmark(check, "e2e", what, cmd, check.cap(35, deadline))
+    what = f"CPU ms per image of both input paths, {label}"
+    if not data or check.remaining(deadline) < 10:
+        check.skip("e2e", what, "no generated JPEGs" if not data else "the stage's time is spent")
+        return
+    cmd = benchmark_cmd("data", run, check, amp="bf16", views_on="both", data=data, workers=0,
+                        profile_images=8 if check.smoke else 128)
+    run_benchmark(check, "e2e", what, cmd, check.remaining(deadline))
 
 
 def script_cmd(method, check, output_dir, *extra):
@@ -406,16 +492,18 @@ def read_log(output_dir):
 
 
 def pretrain_epochs(seconds_left):
-    """The epochs that let both arms, one after the other, finish within seconds_left."""
-    per_arm = seconds_left / 2
-    return max(1, min(100, int((per_arm - PRETRAIN_OVERHEAD_S) // PRETRAIN_EPOCH_S)))
+    """The epochs that let both arms, one after the other, end within seconds_left, each with
+    PRETRAIN_MARGIN_S to spare."""
+    per_arm = seconds_left / 2 - PRETRAIN_OVERHEAD_S - PRETRAIN_MARGIN_S
+    return max(1, min(100, int(per_arm // PRETRAIN_EPOCH_S)))
 
 
 def stage_pretrain(check, deadline, context):
     arms = ("baseline", "light")
     if not context.get("data"):
         for recipe in arms:
-            check.skip("pretrain", f"dino.py ResNet18 --recipe {recipe}", context.get("no_data"))
+            check.skip("pretrain", f"pilot: dino.py ResNet18 --recipe {recipe}",
+                       context.get("no_data"))
         return
     if check.smoke:
         epochs = 1
@@ -441,7 +529,7 @@ def stage_pretrain(check, deadline, context):
         # The first arm gets half the time left: a budget kill leaves both arms equally far.
         timeout = check.remaining(deadline) / (len(arms) - i)
         if timeout < 15:
-            check.skip("pretrain", f"dino.py ResNet18 --recipe {recipe}",
+            check.skip("pretrain", f"pilot: dino.py ResNet18 --recipe {recipe}",
                        "the stage's time is spent")
             continue
         rc, wall, output = check.run(cmd, timeout)
@@ -452,7 +540,8 @@ def stage_pretrain(check, deadline, context):
         result = ("kNN top-1 " + " -> ".join(f"{k:.1f}" for k in knn) +
                   f" ({epochs_done} of {epochs} epochs, epoch 0 = untrained, {wall:.0f} s)")
         speed = sorted(speeds)[len(speeds) // 2] if speeds else None  # the median epoch
-        check.record_run("pretrain", f"dino.py ResNet18 --recipe {recipe}", settings, rc, wall,
+        check.record_run("pretrain", f"pilot: dino.py ResNet18 --recipe {recipe}", settings,
+                         rc, wall,
                          output, cmd, result=result if knn else "", img_per_s=speed,
                          knn_curve=knn, img_per_s_epochs=speeds, records=records)
 
@@ -502,7 +591,8 @@ def script_done(check, stage, what, flags, output_dir, cmd):
         finite = bool(losses) and all(math.isfinite(x) for x in losses)
         if rc == 0 and not finite:
             rc, output = 1, output + f"\nlog.jsonl: losses {losses}, not all finite"
-        result = f"loss {losses[-1]:.4f}, {records[-1].get('img_per_s')} img/s" if losses else ""
+        # No img/s: the runs share one GPU, so their speeds say nothing.
+        result = f"loss {losses[-1]:.4f}" if losses else ""
         check.record_run(stage, what, " ".join(map(str, flags)), rc, wall, output, cmd,
                          result=result, losses=losses)
     return done
@@ -514,17 +604,21 @@ def stage_scripts(check, deadline, context):
 
 
 def stage_compile(check, deadline, context):
-    script_runs(check, deadline, context, "compile", [("bf16 compiled", ["--amp", "bf16",
-                                                                         "--compile"])])
+    """One cold compile alone, of the network most wanted: its first step is the compile."""
+    run = STEP_RUNS[0]
+    cmd = benchmark_cmd("step", run, check, amp="bf16", compile=True, steps=20, min_seconds=3,
+                        warmup=5)
+    run_benchmark(check, "compile", run["name"] + ", compiled", cmd, check.remaining(deadline))
 
 
-STAGES = dict(env=stage_env, tests=stage_tests, step=stage_step, e2e=stage_e2e,
+STAGES = dict(data=stage_data, env=stage_env, tests=stage_tests, step=stage_step, e2e=stage_e2e,
               pretrain=stage_pretrain, scripts=stage_scripts, compile=stage_compile)
 
 
 def run_stages(check, args, context):
     """One after the other, each ending on the schedule (the running sum of BUDGETS, so that time
-    a stage leaves goes to the next); or, with --parallel N, N at a time, each with its budget."""
+    a stage leaves goes to the next); or, with --parallel N, data first and then the others N at
+    a time, each with its budget."""
     def run(name, deadline):
         check.log(f"== {name}: until {deadline - check.start:.0f} s ==", echo=True)
         try:
@@ -541,9 +635,12 @@ def run_stages(check, args, context):
             end = time.time() + budget(name) if args.smoke else end + budget(name)
             run(name, end)
         return
+    rest = [name for name in args.stages if name != "data"]
+    if "data" in args.stages:  # the stages after it read its folders
+        run("data", time.time() + budget("data"))
     with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
         for future in [pool.submit(lambda n: run(n, time.time() + budget(n)), name)
-                       for name in args.stages]:
+                       for name in rest]:
             future.result()
 
 
@@ -557,10 +654,11 @@ def get_args_parser():
     parser.add_argument("--smoke", action="store_true",
                         help="every stage on the CPU at tiny sizes: checks the commands, not speed")
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES),
-                        help="a subset, e.g. to rerun one")
+                        help="a subset, e.g. to rerun one (data is added where a stage needs it)")
     parser.add_argument("--budget", type=float, default=None,
-                        help=f"seconds for the whole check, default {sum(BUDGETS.values())} "
-                             f"(--smoke: {SMOKE_TOTAL}); stages end on the schedule of BUDGETS")
+                        help=f"seconds for the whole check, default {sum(BUDGETS.values())} of "
+                             f"the {TOTAL_S} that fit 9 minutes (--smoke: {SMOKE_TOTAL}); stages "
+                             "end on the schedule of BUDGETS")
     parser.add_argument("--pretrain-epochs", type=int, default=None,
                         help="default: as many as the pre-training stage's time allows")
     parser.add_argument("--parallel", type=int, default=None,
@@ -573,8 +671,9 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     args.parallel = args.parallel or (2 if args.smoke else 1)
     args.budget = args.budget or (SMOKE_TOTAL if args.smoke else sum(BUDGETS.values()))
-    args.data_archive_given = args.data_archive is not None
-    args.data_archive = args.data_archive or os.path.join(ROOT, "data", "imagenette2-112.tar.gz")
+    if {"e2e", "pretrain", "scripts"} & set(args.stages) and "data" not in args.stages:
+        args.stages = ["data"] + args.stages
+    archive = args.data_archive or os.path.join(ROOT, "data", "imagenette2-112.tar.gz")
     check = Check(args.out, args.smoke, args.budget)
     if args.smoke:
         # Compile through dynamo only (no code generation): the path is checked in seconds.
@@ -582,11 +681,10 @@ def main(argv=None):
     check.log(f"gpu_check {'--smoke ' if args.smoke else ''}stages {args.stages}, budget "
               f"{args.budget:.0f} s, {time.strftime('%Y-%m-%d %H:%M:%S')}", echo=True)
     tmp = tempfile.mkdtemp(prefix="gpu_check-")
-    context = dict(tmp=tmp, epochs=args.pretrain_epochs)
+    context = dict(tmp=tmp, epochs=args.pretrain_epochs, archive=archive,
+                   archive_given=args.data_archive is not None,
+                   no_data=f"no data: {archive} is absent")
     try:
-        if {"e2e", "pretrain", "scripts", "compile"} & set(args.stages):
-            context["data"] = prepare_data(check, args, tmp)
-            context["no_data"] = f"no data: {args.data_archive} is absent"
         run_stages(check, args, context)
     finally:
         summary = check.write_summary()

@@ -20,7 +20,7 @@ def options(**changes):
     base = dict(method="dino", arch="resnet18", recipe="light", batch_size=4, global_size=32,
                 local_crops=2, out_dim=None, amp="off", compile=False, device="cpu", steps=1,
                 min_seconds=0.0, warmup=1, memory_format="auto", data="synthetic", workers=0,
-                views_on="loader", prefetch=1)
+                views_on="loader", prefetch=1, profile_images=8)
     return argparse.Namespace(**dict(base, **changes))
 
 
@@ -74,14 +74,59 @@ def test_benchmark_uses_the_scripts_backend_settings(monkeypatch, method):
 
 @pytest.mark.parametrize("views_on", ["loader", "device"])
 def test_benchmark_data_runs_both_view_paths_over_epochs(tmp_path, views_on):
-    """8 images, 2 batches of 4 per epoch: the warm-up (1 + 1 worker x 2 batches made in advance)
-    and 4 timed batches cross several epochs."""
+    """8 images, 2 batches of 4 per epoch: one warm-up epoch, then 4 timed batches = 2 epochs."""
     data = make_image_folder(tmp_path / "images", n_per_class=4)
     result = benchmark.benchmark_data(options(data=data, views_on=views_on, workers=1, steps=4))
+    run = result["paths"][views_on]["loader_run"]
     # The loader ships uint8: 2 x 32^2 + 2 x 18^2 values per image as crops, or the 32 px image.
     shipped = 4 * 3 * (2 * 32 * 32 + 2 * 18 * 18) if views_on == "loader" else 4 * 3 * 32 * 32
-    assert result["batch_mb_shipped_uint8"] == round(shipped / 2**20, 2) and result["img_per_s"] > 0
-    assert result["warmup_batches"] == 1 + 1 * 2 and result["batches"] == 4
+    assert run["batch_mb_shipped_uint8"] == round(shipped / 2**20, 2) and run["img_per_s"] > 0
+    assert run["warmup_batches"] == 2 and run["batches"] == 4 and run["epochs"] == 2
+    assert result["image_set"]["count"] == 8 and result["image_set"]["longer_side_px"]["<500"] == 8
+
+
+def test_benchmark_data_splits_each_paths_loader_cost(tmp_path):
+    """Per path, the loader's CPU ms per image in parts that add up to it, the projection for 15
+    loaders from it, and the main process's ms beside it."""
+    data = make_image_folder(tmp_path / "images", n_per_class=4)
+    result = benchmark.benchmark_data(options(data=data, views_on="both", profile_images=6))
+    assert set(result["paths"]) == {"loader", "device"}
+    for path in result["paths"].values():
+        parts, total = path["loader_split_ms"], path["loader_cpu_ms_per_image"]
+        assert path["images"] == 6 and set(parts) == {"decode", "views_or_resize", "to_tensor",
+                                                      "collate"}
+        assert abs(sum(parts.values()) - total) < 0.05 and total > 0
+        assert path["projected_img_per_s"] == round(15 * 1000 / total, 1)
+        assert path["main_process_cpu_ms_per_image"] > 0 and "loader_run" not in path
+    assert result["paths"]["loader"]["transform"] == "MultiCropTransform"
+
+
+def test_timed_epochs_start_and_stop_at_epoch_boundaries():
+    """The clock starts when a new epoch is asked for, after a whole warm-up epoch, and stops at an
+    epoch's end: no batch made in advance is timed, no epoch start left out."""
+    events = []
+
+    class Epochs:
+        def __iter__(self):
+            events.append("epoch")
+            for k in range(3):
+                events.append(k)
+                yield k
+
+    timing, _ = benchmark.timed_epochs(Epochs(), lambda batch: None, torch.device("cpu"),
+                                       warmup=1, steps=4, min_seconds=0,
+                                       on_start=lambda: events.append("clock"))
+    assert events == ["epoch", 0, 1, 2, "clock"] + ["epoch", 0, 1, 2] * 2
+    assert (timing["warmup_batches"], timing["batches"], timing["epochs"]) == (3, 6, 2)
+
+
+def test_make_imagenet_like_has_imagenets_sizes(tmp_path):
+    """50 JPEGs: the size mix's shares (1 over 1,500 px), file sizes like photos', 10 classes."""
+    root = benchmark.make_imagenet_like(str(tmp_path), 50)
+    info = benchmark.describe_images(os.path.join(root, "train"))
+    assert info["count"] == 50 and info["longer_side_px"][">1500"] == 1
+    assert info["longer_side_px"]["500"] == 50 - 1 - round(0.14 * 50)
+    assert 60 < info["mean_kb"] < 400 and len(os.listdir(os.path.join(root, "train"))) == 10
 
 
 def test_benchmark_train_runs_end_to_end(tmp_path):
@@ -90,7 +135,8 @@ def test_benchmark_train_runs_end_to_end(tmp_path):
     result = benchmark.benchmark_train(options(data=data, method="moco", views_on="device",
                                                steps=3))
     assert result["img_per_s"] > 0 and result["mode"] == "train" and result["views_on"] == "device"
-    assert result["batches"] == 3 and "JPEG on disk" in result["timed"]
+    # 2 batches an epoch: the clock stops at an epoch's end, after 2 whole epochs.
+    assert (result["batches"], result["epochs"]) == (4, 2) and "JPEG on disk" in result["timed"]
 
 
 def test_reproduce_prints_its_commands(tmp_path):
