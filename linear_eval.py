@@ -5,8 +5,9 @@ probe, weighted kNN, a fast probe on cached features, and semi-supervised fine-t
     torchrun --nproc_per_node=8 linear_eval.py --checkpoint ... --data /path/imagenet
     python linear_eval.py --mode knn --checkpoint none --data cifar10 --global-size 32
 
---checkpoint: a checkpoint.pth of dino.py (the teacher by default), moco_v2.py or swav.py, or a
-backbone from their --export. Results: eval-<mode>.json beside it, rewritten after every epoch.
+--checkpoint: a checkpoint.pth of dino.py (the teacher by default), moco_v2.py or swav.py, a
+backbone from their --export, or the weights of official DINO, MoCo, SwAV or SSLight (their
+layouts: backbones.LAYOUTS). Results: eval-<mode>.json beside it, rewritten after every epoch.
 """
 import argparse
 import collections
@@ -41,7 +42,8 @@ def get_args_parser():
     e = parser.add_argument_group("what to evaluate")
     e.add_argument("--mode", default="linear", choices=list(PROTOCOLS),
                    help="linear: the paper's probe; fast-linear: NOT the paper's, seconds")
-    e.add_argument("--checkpoint", required=True, help="checkpoint.pth, an --export, or none")
+    e.add_argument("--checkpoint", required=True,
+                   help="checkpoint.pth, an --export, DINO/MoCo/SwAV/SSLight weights, or none")
     e.add_argument("--checkpoint-key", default="teacher", choices=["teacher", "student"],
                    help="DINO: teacher (official DINO); SSLight's code took the student")
     e.add_argument("--arch", default=None, choices=backbones.ARCHS, help="None: the checkpoint's")

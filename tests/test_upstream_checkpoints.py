@@ -87,7 +87,8 @@ def test_official_moco_checkpoint(tmp_path, r18):
     key_encoder = {k: torch.zeros_like(v) for k, v in r18.items()}
     state_dict = {**_prefixed({**r18, **mlp}, "module.encoder_q."), **_prefixed(key_encoder, "module.encoder_k."),
                   "module.queue": torch.randn(2, 8), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
-    torch.save(dict(epoch=200, arch="resnet18", state_dict=state_dict, optimizer={}), tmp_path / "moco.pth.tar")
+    torch.save(dict(epoch=200, arch="resnet18", state_dict=state_dict, optimizer={}), tmp_path / "moco.pth.tar",
+               _use_new_zipfile_serialization=False)  # the released weights predate torch 1.6's zip format
     backbone, info = _read(tmp_path / "moco.pth.tar")
     _assert_loaded(backbone, r18)
     assert (info["method"], info["arch"], info["key"], info["head"]) == ("official MoCo", "resnet18", "encoder_q",
