@@ -17,10 +17,13 @@ norm).
 
 The facts a training script needs about an arch live here too: `is_vit`, `PATCH_SIZE`,
 `memory_format` (channels_last or not, per device) and `sync_batchnorm` (the one place BN becomes
-SyncBatchNorm).
+SyncBatchNorm). `read_backbone` reads a checkpoint of the scripts, or the weights released by
+official DINO, MoCo, SwAV and SSLight, into these names.
 """
 import math
 import os
+import pickle
+import types
 
 import torch
 import torch.nn as nn
@@ -153,7 +156,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))
         # Stochastic depth grows linearly from 0 (first block) to drop_path_rate (last block).
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # also on meta
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, r) for r in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -235,3 +238,108 @@ def multicrop_features(backbone, crops):
         features.append(backbone(torch.cat(crops[start:end])))
         start = end
     return torch.cat(features)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints of the scripts and of the upstream code, read into build_backbone's names
+# ----------------------------------------------------------------------------------------------
+
+LAYOUTS = ("this project's (method, config, teacher / student / query_encoder / model)",
+           "official DINO (teacher / student: [module.]backbone.*)",
+           "official MoCo (state_dict: module.encoder_q.*)",
+           "SSLight (state_dict: module.{student,teacher,encoder_q,network}.backbone.*)",
+           "a backbone state dict (this project's --export, torchvision's, DINO's backbone-only, "
+           "SwAV's: [state_dict:] [module.]*)")
+OWN_NETWORKS = {"moco": "query_encoder", "swav": "model"}  # DINO: teacher or student
+HEADS = ("fc.", "classifier.", "projection_head.", "prototypes.")  # torchvision, MoCo, SwAV heads
+# SSLight's ResNet encoder is nn.Sequential(*children[:-2]): children numbered, relu/maxpool bare.
+RESNET_CHILDREN = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3",
+                   "7": "layer4"}
+
+
+def read_backbone(checkpoint, dino_key="teacher"):
+    """The backbone of a checkpoint dict in one of LAYOUTS -> (state dict for build_backbone,
+    info: method (a script's, or the layout), arch (None when the file does not say), key (the
+    network read), head (DINO's projection head)); ValueError naming the layouts and what the
+    file holds. DINO checkpoints hold two networks: `dino_key` picks one. Heads (MoCo's fc,
+    SwAV's projection_head / prototypes, torchvision's classifier) are dropped; official DINO's
+    ViT names its MLP layers fc1 / fc2 (ours: mlp.0 / mlp.2); SSLight's CNN encoders are renamed
+    to torchvision's (MobileNetV2's is torchvision's `features`)."""
+    part = lambda state, prefix: {k[len(prefix):]: v for k, v in state.items()
+                                  if k.startswith(prefix)}
+    method = checkpoint.get("method")  # this project's: the script that wrote it
+    dino = all(isinstance(checkpoint.get(k), dict) for k in ("teacher", "student"))
+    key = OWN_NETWORKS.get(method, dino_key) if method or dino else None
+    if key and key not in checkpoint:
+        raise ValueError(f"a {method} checkpoint without {key!r} (it has: "
+                         f"{', '.join(map(str, checkpoint))})")
+    network = checkpoint[key] if key else checkpoint.get("state_dict", checkpoint)
+    network = ({str(k).removeprefix("module."): v for k, v in network.items()}  # DDP's prefix
+               if isinstance(network, dict) else {})
+    sslight = [k for k in (dino_key, "encoder_q", "network")
+               if any(name.startswith(f"{k}.backbone.") for name in network)]
+    as_dict = lambda value: value if isinstance(value, dict) else {}
+    config = as_dict(checkpoint.get("config"))  # SSLight's: an fvcore CfgNode, a dict here
+    arch = (config.get("arch") or as_dict(config.get("MODEL")).get("BACKBONE_ARCH")
+            or getattr(checkpoint.get("args"), "arch", None) or checkpoint.get("arch"))
+    info = dict(method="exported", key=key, head=None)
+    if key:  # this project's, official DINO's: backbone.* and head.*
+        state, info["method"] = part(network, "backbone."), method or "official DINO"
+        info["head"] = part(network, "head.") if key == dino_key else None
+    elif sslight:
+        info = dict(info, method="SSLight", key=sslight[0])
+        info["head"] = part(network, f"{dino_key}.head.") if sslight[0] == dino_key else None
+        state = part(network, f"{sslight[0]}.backbone.")
+        encoder = part(state, "encoder.")
+        if "0.0.weight" in encoder:  # MobileNetV2: a ConvBNReLU first
+            state = {"features." + k: v for k, v in encoder.items()}
+        elif encoder:  # a ResNet
+            state = {RESNET_CHILDREN.get(k.split(".")[0], "") + k[k.index("."):]: v
+                     for k, v in encoder.items()}
+    elif any(k.startswith("encoder_q.") for k in network):
+        state = part(network, "encoder_q.")
+        info = dict(info, method="official MoCo", key="encoder_q")
+    else:
+        state = network
+    state = {k.replace(".mlp.fc1.", ".mlp.0.").replace(".mlp.fc2.", ".mlp.2."): v
+             for k, v in state.items() if not k.startswith(HEADS)}
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"no backbone in a known layout (read: {'; '.join(LAYOUTS)}); the file "
+                         f"holds {describe(checkpoint)}")
+    return state, dict(info, arch=arch if arch in ARCHS else None)
+
+
+def describe(checkpoint, n=6):
+    """Its top-level keys and a few tensor names (one level down too), for an error message."""
+    tensors = [str(k) for k, v in checkpoint.items() if isinstance(v, torch.Tensor)]
+    tensors += [f"{k}.{name}" for k, v in checkpoint.items() if isinstance(v, dict)
+                for name, value in v.items() if isinstance(value, torch.Tensor)]
+    more = lambda names: ", ".join(map(str, names[:n])) + (
+        f" (+{len(names) - n} more)" if len(names) > n else "")
+    return f"top-level keys {more(list(checkpoint)) or 'none'}; tensors {more(tensors) or 'none'}"
+
+
+def load_checkpoint(path):
+    """torch.load on the CPU of a checkpoint of any origin: a class of a package not installed
+    here comes back as a dict (SSLight's checkpoints pickle their config, an fvcore CfgNode)."""
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=TOLERANT_PICKLE)
+
+
+class Unpickled(dict):
+    """An object whose class cannot be imported here (SSLight's checkpoints pickle their config,
+    an fvcore CfgNode): a plain dict of its items, whatever its constructor was given."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__()
+
+
+class TolerantUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        try:
+            return super().find_class(module, name)
+        except (ImportError, AttributeError):
+            return Unpickled
+
+
+TOLERANT_PICKLE = types.SimpleNamespace(__name__="pickle", Unpickler=TolerantUnpickler,
+                                        load=pickle.load)

@@ -5,8 +5,9 @@ probe, weighted kNN, a fast probe on cached features, and semi-supervised fine-t
     torchrun --nproc_per_node=8 linear_eval.py --checkpoint ... --data /path/imagenet
     python linear_eval.py --mode knn --checkpoint none --data cifar10 --global-size 32
 
---checkpoint: a checkpoint.pth of dino.py (the teacher by default), moco_v2.py or swav.py, or a
-backbone from their --export. Results: eval-<mode>.json beside it, rewritten after every epoch.
+--checkpoint: a checkpoint.pth of dino.py (the teacher by default), moco_v2.py or swav.py, a
+backbone from their --export, or the weights of official DINO, MoCo, SwAV or SSLight (their
+layouts: backbones.LAYOUTS). Results: eval-<mode>.json beside it, rewritten after every epoch.
 """
 import argparse
 import collections
@@ -32,7 +33,6 @@ PROTOCOLS = {  # written into the results
     "knn": "weighted kNN, train bank -> val (official DINO eval_knn.py)",
     "finetune": "the paper's semi-supervised fine-tuning (SSLight's dino_*_semi.yaml)",
 }
-MODEL_KEYS = {"dino": None, "moco": "query_encoder", "swav": "model"}  # the one with "backbone.*"
 
 
 def get_args_parser():
@@ -42,7 +42,8 @@ def get_args_parser():
     e = parser.add_argument_group("what to evaluate")
     e.add_argument("--mode", default="linear", choices=list(PROTOCOLS),
                    help="linear: the paper's probe; fast-linear: NOT the paper's, seconds")
-    e.add_argument("--checkpoint", required=True, help="checkpoint.pth, an --export, or none")
+    e.add_argument("--checkpoint", required=True,
+                   help="checkpoint.pth, an --export, DINO/MoCo/SwAV/SSLight weights, or none")
     e.add_argument("--checkpoint-key", default="teacher", choices=["teacher", "student"],
                    help="DINO: teacher (official DINO); SSLight's code took the student")
     e.add_argument("--arch", default=None, choices=backbones.ARCHS, help="None: the checkpoint's")
@@ -83,11 +84,11 @@ def default_output(checkpoint, arch, mode, key="teacher", label_fraction=None, s
     return os.path.join(os.path.dirname(checkpoint), f"{prefix}{name}.json")
 
 
-def resolve_config(args, world_size, pretrained_arch=None):
-    """The whole configuration, once: the flags + the paper's values for the mode and arch."""
-    config = dict(vars(args), world_size=world_size)
+def resolve_config(args, pretrained_arch=None):
+    """The whole configuration, once: the flags + the paper's values for the mode and arch. Every
+    numeric flag is checked here, before any process, data or output: one line, nothing written."""
+    config = dict(vars(args))
     arch = config["arch"] = args.arch or pretrained_arch or "resnet18"
-    config["workers"] = loader_workers(args.workers)
     vit = backbones.is_vit(arch)
     # (epochs, lr per 256 images; fast-linear: Adam's own). Fine-tuning's epochs follow its subset.
     epochs, lr = {"linear": (100, 0.01 if vit else 0.05), "fast-linear": (100, 1e-3),
@@ -97,17 +98,22 @@ def resolve_config(args, world_size, pretrained_arch=None):
     config["output"] = args.output or default_output(args.checkpoint, arch, args.mode,
                                                      args.checkpoint_key, args.label_fraction,
                                                      args.subset_file)
-    for name in ("batch_size", "knn_k", "n_last_blocks", "epochs"):
-        if config[name] is not None and config[name] < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {config[name]}")
-    if (config["lr"] is not None and config["lr"] <= 0) or args.knn_t <= 0:
-        raise UserError(f"--lr and --knn-t must be > 0, not {config['lr']} and {args.knn_t}")
-    if args.label_fraction is not None and not 0 < args.label_fraction <= 1:
-        raise UserError(f"--label-fraction must be in (0, 1], not {args.label_fraction}")
+    depth = backbones.VIT_CONFIGS[arch][1] if vit else None  # --n-last-blocks: at most all
+    limits = dict(batch_size=(1, None), epochs=(1, None), knn_k=(1, None), workers=(0, None),
+                  global_size=(16, None), n_last_blocks=(1, depth), lr=(0, None), knn_t=(0, None),
+                  label_fraction=(0, 1), seed=(0, 2 ** 63 - 1))  # seed: what torch takes
+    for name, (low, high) in limits.items():  # floats: finite and > low; integers: >= low
+        value, real = config[name], isinstance(config[name], float)
+        if value is not None and not (math.isfinite(value) and value <= (high or value)
+                                      and (low < value or value == low and not real)):
+            kind = f"a finite number > {low}" if real else f"an integer >= {low}"
+            raise UserError(f"--{name.replace('_', '-')} must be {kind}"
+                            f"{f' and <= {high}' if high else ''}, not {value}")
     if args.subset_file and not os.path.isfile(args.subset_file):
         raise UserError(f"--subset-file {args.subset_file}: no such file")
-    if args.global_size < 16 or (vit and args.global_size % backbones.PATCH_SIZE):
-        raise UserError(f"--global-size {args.global_size}: need >= 16 (a ViT: a multiple of 16)")
+    if vit and args.global_size % backbones.PATCH_SIZE:
+        raise UserError(f"--global-size {args.global_size}: a ViT needs a multiple of 16")
+    config["workers"] = loader_workers(args.workers)
     return types.SimpleNamespace(**config)
 
 
@@ -119,24 +125,18 @@ def read_checkpoint(path, checkpoint_key="teacher"):
     if not os.path.isfile(path):
         raise UserError(f"--checkpoint {path}: no such file (or none for a random-init backbone)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = backbones.load_checkpoint(path)
     except Exception as error:
         raise UserError(f"--checkpoint {path}: cannot read it: {str(error)[:200]}") from None
     if not isinstance(checkpoint, dict):
         raise UserError(f"--checkpoint {path}: not a checkpoint but a {type(checkpoint).__name__}")
-    clean = lambda s: {".".join(p for p in k.split(".") if p != "module"): v for k, v in s.items()}
-    if "method" not in checkpoint:  # an exported backbone: its own keys
-        return clean(checkpoint), dict(info, method="exported")
-    method = checkpoint["method"]
-    key = MODEL_KEYS.get(method) or checkpoint_key
-    if key not in checkpoint:
-        raise UserError(f"--checkpoint {path}: a {method} checkpoint without {key!r} "
-                        f"(it has: {', '.join(checkpoint)})")
-    network = clean(checkpoint[key])
-    part = lambda prefix: {k[len(prefix):]: v for k, v in network.items() if k.startswith(prefix)}
-    arch = (checkpoint.get("config") or {}).get("arch")
-    head = part("head.") if method == "dino" else None
-    return part("backbone."), dict(info, method=method, arch=arch, key=key, head=head)
+    try:  # the scripts' checkpoints and --export, official DINO / MoCo / SwAV, SSLight
+        state, found = backbones.read_backbone(checkpoint, checkpoint_key)
+    except ValueError as error:
+        raise UserError(f"--checkpoint {path}: {error}") from None
+    fitting = [arch for arch in backbones.ARCHS if not found["arch"] and fits(arch, state)]
+    found["arch"] = found["arch"] or (fitting[0] if len(fitting) == 1 else None)  # if unsaid
+    return state, dict(info, **found)
 
 
 def build_for(arch, state):
@@ -156,10 +156,9 @@ def mismatch(model, state):
 
 
 def fits(arch, state):
-    """Whether `state` fits backbone `arch` (a CNN built on the meta device: shapes, no memory)."""
-    vit = backbones.is_vit(arch)
-    with torch.device("cpu" if vit else "meta"):
-        return vit == ("pos_embed" in state) and not any(mismatch(build_for(arch, state), state))
+    """Whether `state` fits backbone `arch` (built on the meta device: shapes, no memory)."""
+    with torch.device("meta"):
+        return not any(mismatch(build_for(arch, state), state))
 
 
 def backbone_from(state, info, arch):
@@ -167,19 +166,18 @@ def backbone_from(state, info, arch):
     backbone = build_for(arch, state)
     if state is None:
         return backbone
-    # A full torchvision state dict (e.g. ImageNet weights) still holds its classifier: dropped.
-    state = {k: v for k, v in state.items() if not k.startswith(("fc.", "classifier."))}
     problems = []
     for name, keys in zip(("missing", "unexpected", "wrong shape"), mismatch(backbone, state)):
         if keys:
             more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
             problems.append(f"{name} {', '.join(keys[:4])}{more}")
     if problems:
-        if info["arch"] and info["arch"] != arch:
-            hint = f" It was pre-trained with --arch {info['arch']}: pass --arch {info['arch']}."
+        if info["arch"] and info["arch"] != arch:  # the file's arch, or the one it fits
+            hint = f" It holds a {info['arch']} backbone: pass --arch {info['arch']}."
         else:  # an exported backbone has no saved config: try every arch
             fitting = [other for other in backbones.ARCHS if other != arch and fits(other, state)]
-            hint = f" It fits --arch {' / '.join(fitting)}." if fitting else ""
+            hint = (f" It fits --arch {' / '.join(fitting)}." if fitting else
+                    f" It fits no arch here (layouts read: {'; '.join(backbones.LAYOUTS)}).")
         raise UserError(f"--checkpoint {info['path']} ({info['method']}) does not fit --arch "
                         f"{arch}: {'; '.join(problems)}.{hint}")
     backbone.load_state_dict(state, strict=True)
@@ -392,10 +390,10 @@ class LARS(torch.optim.Optimizer):
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
-    rank, world_size, device = init_distributed(args.device, args.seed)
-    log = print if rank == 0 else (lambda *a, **k: None)
     state, info = read_checkpoint(args.checkpoint, args.checkpoint_key)
-    config = resolve_config(args, world_size, info["arch"])
+    config = resolve_config(args, info["arch"])  # a user mistake ends here, before any process
+    rank, world_size, device = init_distributed(config.device, config.seed)
+    log = print if rank == 0 else (lambda *a, **k: None)
     config.amp, amp_note = resolve_amp(config.amp, device)
     backbone = backbone_from(state, info, config.arch)
     memory_format = backbones.memory_format(config.arch, device)  # channels_last for CNNs on CUDA

@@ -252,7 +252,7 @@ def test_load_all_checkpoint_formats(tmp_path, r18):
         _assert_loaded(backbone, student)
         assert info["method"] == name and info["head"] is None
     # the arch defaults to the one in the checkpoint's config; --arch wins; resnet18 without either
-    resolve = lambda flags, arch: le.resolve_config(le.get_args_parser().parse_args(flags), 1, arch).arch
+    resolve = lambda flags, arch: le.resolve_config(le.get_args_parser().parse_args(flags), arch).arch
     assert resolve(["--checkpoint", "x"], "resnet34") == "resnet34"
     assert resolve(["--checkpoint", "x", "--arch", "mobilenet_v2"], "resnet34") == "mobilenet_v2"
     assert resolve(["--checkpoint", "none"], None) == "resnet18"
@@ -265,7 +265,7 @@ def test_load_errors_name_what_does_not_fit(tmp_path, r18):
         _load(tmp_path / "moco34.pth")
     assert "unexpected layer1.2" in str(error.value)
     torch.save(r34, tmp_path / "r34.pth")  # exported: no config, so every arch is tried
-    with pytest.raises(UserError, match=r"fits --arch resnet34"):
+    with pytest.raises(UserError, match=r"holds a resnet34 backbone: pass --arch resnet34"):
         _load(tmp_path / "r34.pth")
     shrunk = dict(r18[0], **{"conv1.weight": torch.zeros(64, 3, 3, 3)})
     torch.save(shrunk, tmp_path / "shape.pth")
@@ -368,8 +368,8 @@ def test_results_go_beside_each_checkpoint(tmp_path, monkeypatch, r18):
 
 def test_user_errors(tmp_path):
     data = eval_folder(tmp_path / "data", n_train=1, n_val=1)
-    for flags, message in ((["--epochs", "0"], "--epochs must be >= 1"),
-                           (["--lr", "0"], "--lr and --knn-t must be > 0"),
+    for flags, message in ((["--epochs", "0"], "--epochs must be an integer >= 1, not 0"),
+                           (["--lr", "0"], "--lr must be a finite number > 0, not 0.0"),
                            (["--arch", "vit_tiny", "--global-size", "40"], "multiple of 16"),
                            (["--data", str(tmp_path)], "no train/ folder")):
         with pytest.raises(UserError, match=message):
@@ -381,3 +381,26 @@ def test_user_errors(tmp_path):
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines() == [f"error: --checkpoint {tmp_path / 'missing.pth'}: no such file "
                                                    "(or none for a random-init backbone)"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return eval_folder(tmp_path_factory.mktemp("data"), n_train=2, n_val=1)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "nan"], "--lr must be a finite number > 0, not nan"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, not inf"),
+    (["--mode", "knn", "--knn-t", "nan"], "--knn-t must be a finite number > 0, not nan"),
+    (["--seed", "-1"], "--seed must be an integer >= 0 and <= 9223372036854775807, not -1"),
+    (["--seed", str(2 ** 64)], f"--seed must be an integer >= 0 and <= 9223372036854775807, not {2 ** 64}"),
+    (["--workers", "-1"], "--workers must be an integer >= 0, not -1"),
+    (["--arch", "vit_tiny", "--n-last-blocks", "13"], "--n-last-blocks must be an integer >= 1 and <= 12, not 13"),
+])
+def test_numeric_flags_are_checked_before_anything_runs(tmp_path, monkeypatch, tiny_folder, flags, message):
+    # issue 25, 6: each ended in a traceback, an exit 1 or a run; now one UserError (exit 2), nothing written
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as error:
+        le.main(cli("--checkpoint", "none", "--data", tiny_folder, "--epochs", "1", *flags))
+    assert str(error.value) == message and os.listdir(tmp_path) == []
+
