@@ -37,7 +37,8 @@ def top_level_definitions(path):
 
 
 PER_SCRIPT = {"main", "get_args_parser", "resolve_config", "PAPER_DEFAULTS", "PAPER_EPOCHS",
-              "PAPER_WARMUPS", "THIS_RUN", "RESUMABLE"}  # each script's own, by name only
+              "PAPER_WARMUPS", "THIS_RUN", "RESUMABLE", "FLAG_RANGES",
+              "POSITIVE_FLAGS"}  # each script's own, by name only
 
 
 def test_a_function_in_several_scripts_is_the_same_text_in_each():
@@ -69,7 +70,7 @@ def test_a_script_carries_only_what_it_calls(script):
 # ceilings at the sizes reached, so that nothing grows back (the reader's edition aimed at dino.py
 # 560, moco_v2.py and swav.py 600, linear_eval.py and views.py 650).
 OWN_CODE = 520
-SIZES = {"dino.py": 703, "moco_v2.py": 698, "swav.py": 724, "linear_eval.py": 644, "views.py": 701,
+SIZES = {"dino.py": 722, "moco_v2.py": 714, "swav.py": 738, "linear_eval.py": 644, "views.py": 701,
          "backbones.py": 237}
 
 
