@@ -40,6 +40,14 @@ PAPER_EPOCHS = 200
 THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export", "compile"}
 # What a resume may change (a moved --data: its size is checked); other typed flags must match.
 RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}
+# Each numeric flag's range (None: the paper's value), checked before anything is made.
+FLAG_RANGES = dict(
+    dict.fromkeys(["epochs", "batch_size", "log_every", "eval_every"], (1, math.inf)),
+    **dict.fromkeys(["workers", "warmup_teacher_temp_epochs", "freeze_last_layer", "min_lr",
+                     "weight_decay", "weight_decay_end", "clip_grad"], (0, math.inf)),
+    seed=(0, 2**32 - 1), out_dim=(2, math.inf), center_momentum=(0, 1), momentum_teacher=(0, 1),
+    drop_path=(0, 0.99))  # out_dim 1: a one-way softmax is constant, its loss exactly 0
+POSITIVE_FLAGS = ["lr", "student_temp", "teacher_temp", "warmup_teacher_temp"]
 
 
 def get_args_parser():
@@ -92,8 +100,9 @@ def get_args_parser():
 
 def resolve_config(args, given, world_size, saved=None):
     """Flags + the paper's per-arch defaults + the view recipe; on a resume, the checkpoint's."""
+    check_ranges(vars(args), dict(FLAG_RANGES, warmup_epochs=(0, args.epochs)), POSITIVE_FLAGS)
     if saved is not None:
-        return resumed_config(saved, vars(args), given, world_size, THIS_RUN, RESUMABLE)
+        return resumed_config(saved, vars(args), given, THIS_RUN, RESUMABLE)
     config = dict(vars(args), world_size=world_size)
     is_vit = backbones.is_vit(args.arch)
     defaults = PAPER_DEFAULTS["vit" if is_vit else "cnn"]
@@ -105,12 +114,18 @@ def resolve_config(args, given, world_size, saved=None):
         config["warmup_teacher_temp_epochs"] = round(config["warmup_teacher_temp_epochs"] * short)
     recipe = views.recipe_from_flags("dino", args, is_vit, backbones.PATCH_SIZE)
     config.update(views.resolved_view_flags(recipe))
-    for name in ("epochs", "batch_size", "out_dim", "log_every", "eval_every"):
-        if config[name] < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {config[name]}")
-    if config["lr"] <= 0 or config["teacher_temp"] <= 0 or config["student_temp"] <= 0:
-        raise UserError("--lr, --teacher-temp and --student-temp must be > 0")
     return types.SimpleNamespace(**config)
+
+
+def check_ranges(flags, ranges, positive):
+    """Each flags[name] (None: unset) finite, in ranges[name] = [low, high], > 0 if in positive."""
+    for name, (low, high) in dict(ranges, **dict.fromkeys(positive, (0, math.inf))).items():
+        value = flags[name]
+        if value is not None and not (-math.inf < value < math.inf and low <= value <= high
+                                      and (value > 0 or name not in positive)):
+            must = ("> 0" if name in positive else f">= {low}" if high == math.inf else
+                    f"in [{low}, {high}]")
+            raise UserError(f"--{name.replace('_', '-')} must be {must} and finite, not {value}")
 
 
 class WeightNormLinear(nn.Module):
@@ -207,10 +222,10 @@ class DINOLoss(nn.Module):
                                                     alpha=1 - self.center_momentum)
 
 
-def teacher_temp_schedule(start, end, warmup_epochs, epochs):
-    """Per epoch: linear start -> end over warmup_epochs, then constant (official DINO)."""
-    ramp = [start + (end - start) * e / warmup_epochs for e in range(warmup_epochs)]
-    return (ramp + [end] * epochs)[:epochs]
+def teacher_temp_schedule(start, end, warmup_epochs):
+    """epoch -> temperature: linear start -> end over warmup_epochs, then end (official DINO)."""
+    return lambda epoch: (start + (end - start) * epoch / warmup_epochs if epoch < warmup_epochs
+                          else end)
 
 
 @torch.no_grad()
@@ -280,7 +295,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     output_dir = args.output_dir or os.path.join("runs", f"dino-{args.arch}")
     checkpoint_path = os.path.join(output_dir, "checkpoint.pth")
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path, "dino", device)
     saved = checkpoint and checkpoint["config"]
     config = resolve_config(args, given_flags(parser, argv), world_size, saved)
     if config.export:
@@ -295,6 +310,8 @@ def main(argv=None):
         if config.export and rank == 0:
             backbones.export_backbone(checkpoint["teacher"], config.export, config.arch)
         return dict(checkpoint=checkpoint)
+    if checkpoint and saved["world_size"] != world_size:  # a finished run exports from any number
+        raise UserError(f"resume on {saved['world_size']} process(es) as trained, not {world_size}")
     if checkpoint and epochs != saved["epochs"]:
         log(f"extending the run from {saved['epochs']} to {epochs} epochs: schedules recomputed")
     log(f"DINO {config.arch} | {world_size} process(es) on {device}, amp {config.amp} {amp_note}")
@@ -356,7 +373,7 @@ def main(argv=None):
     wd_schedule = cosine_schedule(config.weight_decay, config.weight_decay_end, *steps)
     momentum_schedule = cosine_schedule(config.momentum_teacher, 1.0, *steps)
     teacher_temps = teacher_temp_schedule(config.warmup_teacher_temp, config.teacher_temp,
-                                          min(config.warmup_teacher_temp_epochs, epochs), epochs)
+                                          config.warmup_teacher_temp_epochs)
     student_params, teacher_params = list(student.parameters()), list(teacher.parameters())
     last_layer_params = list(student.head.last_layer.parameters())
     amp_dtype = torch.float16 if config.amp == "fp16" else torch.bfloat16
@@ -396,14 +413,14 @@ def main(argv=None):
         for i, batch in enumerate(bar):
             it = epoch * iters_per_epoch + i  # global step: the index into the schedules
             for group in optimizer.param_groups:
-                group["lr"] = lr_schedule[it]
-                group["weight_decay"] = wd_schedule[it] * group["wd_factor"]
+                group["lr"] = lr_schedule(it)
+                group["weight_decay"] = wd_schedule(it) * group["wd_factor"]
             crops = views.batch_to_crops(batch, device, memory_format, view_sampler)
 
             with autocast:
                 teacher_out = teacher_fwd(crops[:2])
                 student_out = student_fwd(crops)
-                loss, entropies = dino_loss(student_out, teacher_out, teacher_temps[epoch])
+                loss, entropies = dino_loss(student_out, teacher_out, teacher_temps(epoch))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if config.clip_grad > 0:
@@ -414,7 +431,7 @@ def main(argv=None):
                     p.grad = None
             scaler.step(optimizer)
             scaler.update()
-            ema_update(teacher_params, student_params, momentum_schedule[it])
+            ema_update(teacher_params, student_params, momentum_schedule(it))
             dino_loss.update_center(teacher_out)
 
             # Collapse signals: the entropies vs ln K, and the per-dimension std of the normalised
@@ -430,14 +447,14 @@ def main(argv=None):
                     raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; "
                                      f"{kept}. Try {amp_off}a lower --lr")
                 img_s = round((i + 1) * global_batch / (time.time() - start), 1)
-                bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr_schedule[it]:.2e}", img_s=img_s)
+                bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr_schedule(it):.2e}", img_s=img_s)
 
         # ============ end of epoch: record, monitor, checkpoint ============
         ln_k = math.log(config.out_dim)
         record = dict(epoch=epoch + 1, loss=means[0], teacher_entropy=means[1],
                       student_entropy=means[2], ln_k=ln_k, embedding_std=means[3],
-                      lr=lr_schedule[it], wd=wd_schedule[it], teacher_temp=teacher_temps[epoch],
-                      momentum=momentum_schedule[it],
+                      lr=lr_schedule(it), wd=wd_schedule(it), teacher_temp=teacher_temps(epoch),
+                      momentum=momentum_schedule(it),
                       img_per_s=round(iters_per_epoch * global_batch / (time.time() - start), 1))
         if eval_sets and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == epochs):
             record.update(knn())
@@ -499,16 +516,13 @@ def given_flags(parser, argv=None):
     return {name for name, value in vars(typed).items() if value is not unset}
 
 
-def resumed_config(saved, now, given, world_size, this_run, resumable):
+def resumed_config(saved, now, given, this_run, resumable):
     """A resumed run's configuration: the checkpoint's (`saved`), with this run's settings
     (`this_run`) and the resumable flags typed now taken from `now` (the parsed flags, a dict). Any
-    other typed flag with another value, or another number of processes, is refused, naming each one
-    old -> new."""
+    other typed flag with another value is refused, naming each one old -> new."""
     plain = lambda v: tuple(v) if isinstance(v, list) else v
     changed = {k: (saved[k], now[k]) for k in sorted(given - resumable)
                if plain(now[k]) != plain(saved[k])}
-    if saved["world_size"] != world_size:
-        changed["processes"] = (saved["world_size"], world_size)
     if changed:
         raise UserError("this run was trained with other settings; use another --output-dir or the "
                         "same flags: " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}"
@@ -567,14 +581,13 @@ def barrier():
 
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, start_warmup=0.0):
-    """One value per iteration (official DINO utils.cosine_scheduler): linear warm-up from
-    start_warmup to base over warmup_epochs (may be fractional), then a cosine from base to
-    final."""
+    """iteration -> value, as official DINO's utils.cosine_scheduler without its list of every step:
+    linear start_warmup -> base over warmup_epochs (may be fractional), then a cosine to final."""
     warmup_iters, total = int(warmup_epochs * iters_per_epoch), int(epochs * iters_per_epoch)
-    warmup = [start_warmup + (base - start_warmup) * i / warmup_iters for i in range(warmup_iters)]
-    rest = total - warmup_iters
-    cosine = [final + (base - final) * (1 + math.cos(math.pi * i / rest)) / 2 for i in range(rest)]
-    return warmup + cosine
+    rest = max(1, total - warmup_iters)
+    cosine = lambda i: final + (base - final) * (1 + math.cos(math.pi * i / rest)) / 2
+    return lambda i: (start_warmup + (base - start_warmup) * i / warmup_iters if i < warmup_iters
+                      else cosine(i - warmup_iters))
 
 
 def check_export_path(path):
@@ -622,15 +635,21 @@ def save_checkpoint(state, path):
     os.replace(f"{path}.tmp", path)
 
 
-def load_checkpoint(path):
-    """PATH's saved state, or None when there is none. An unreadable file stops in one line."""
-    if not os.path.exists(path):
-        return None
+def load_checkpoint(path, method, device):
+    """PATH's saved state, or None. An unreadable file, another method's run, or ranks that see
+    different ones (nodes with disks of their own) stop in one line, on every rank at once."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = os.path.exists(path) and torch.load(path, "cpu", weights_only=False)
     except Exception as error:
         raise UserError(f"cannot read {path} ({type(error).__name__}: {str(error)[:200]}); move it "
                         "away to start the run again") from None
+    seen = all_gather_cat(torch.tensor([checkpoint["epoch"] if checkpoint else -1], device=device))
+    if len(set(seen.tolist())) > 1:  # rank 0's node would resume, the others start over: a hang
+        raise UserError(f"the processes see different checkpoints in {path}: --output-dir must be "
+                        "one folder that all nodes share (a shared file system)")
+    if checkpoint and checkpoint.get("method") != method:
+        raise UserError(f"--output-dir holds a {checkpoint.get('method')} run, not a {method} one")
+    return checkpoint or None
 
 
 def write_log(path, records):

@@ -245,7 +245,7 @@ def train_and_evaluate(model, optimizer, loader, epochs, lr, to_inputs, evaluate
     # once per epoch before its first step (SSLight's); the loss is read once per epoch: one sync.
     for epoch in range(epochs):
         for group in optimizer.param_groups:
-            group["lr"] = lrs[epoch]
+            group["lr"] = lrs(epoch)
         loader.sampler.set_epoch(epoch)
         model.train()
         loss_sum = torch.zeros((), device=device)
@@ -263,7 +263,7 @@ def train_and_evaluate(model, optimizer, loader, epochs, lr, to_inputs, evaluate
         if not math.isfinite(loss):
             raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}; try --amp off or a "
                              "lower --lr")
-        history.append(dict(epoch=epoch + 1, lr=lrs[epoch], loss=loss, **evaluate()))
+        history.append(dict(epoch=epoch + 1, lr=lrs(epoch), loss=loss, **evaluate()))
         report(history)
     return history
 
@@ -321,7 +321,7 @@ def fit_linear(features, labels, num_classes, epochs=100, lr=1e-3, batch_size=10
     for epoch in range(epochs):
         order = torch.randperm(len(features), generator=generator).to(features.device)
         for i in range(steps_per_epoch):
-            optimizer.param_groups[0]["lr"] = lrs[epoch * steps_per_epoch + i]
+            optimizer.param_groups[0]["lr"] = lrs(epoch * steps_per_epoch + i)
             index = order[i * batch_size:(i + 1) * batch_size]
             loss = F.cross_entropy(linear(features[index]), labels[index])
             optimizer.zero_grad(set_to_none=True)
@@ -584,14 +584,13 @@ def barrier():
 
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, start_warmup=0.0):
-    """One value per iteration (official DINO utils.cosine_scheduler): linear warm-up from
-    start_warmup to base over warmup_epochs (may be fractional), then a cosine from base to
-    final."""
+    """iteration -> value, as official DINO's utils.cosine_scheduler without its list of every step:
+    linear start_warmup -> base over warmup_epochs (may be fractional), then a cosine to final."""
     warmup_iters, total = int(warmup_epochs * iters_per_epoch), int(epochs * iters_per_epoch)
-    warmup = [start_warmup + (base - start_warmup) * i / warmup_iters for i in range(warmup_iters)]
-    rest = total - warmup_iters
-    cosine = [final + (base - final) * (1 + math.cos(math.pi * i / rest)) / 2 for i in range(rest)]
-    return warmup + cosine
+    rest = max(1, total - warmup_iters)
+    cosine = lambda i: final + (base - final) * (1 + math.cos(math.pi * i / rest)) / 2
+    return lambda i: (start_warmup + (base - start_warmup) * i / warmup_iters if i < warmup_iters
+                      else cosine(i - warmup_iters))
 
 
 @torch.no_grad()

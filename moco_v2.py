@@ -39,6 +39,13 @@ PAPER_EPOCHS = 200
 THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export", "compile"}
 # A resumed run may change these when typed again (a moved --data: its size is checked).
 RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}
+# Each numeric flag's range (None: the recipe's value), checked before anything is made.
+FLAG_RANGES = dict(
+    dict.fromkeys(["epochs", "batch_size", "log_every", "eval_every", "dim", "queue_size",
+                   "bn_splits"], (1, math.inf)),
+    **dict.fromkeys(["workers", "hidden_dim", "min_lr", "weight_decay"], (0, math.inf)),
+    seed=(0, 2**32 - 1), momentum=(0, 1))
+POSITIVE_FLAGS = ["lr", "temperature"]
 
 
 def get_args_parser():
@@ -85,8 +92,9 @@ def get_args_parser():
 
 def resolve_config(args, given, world_size, saved=None):
     """Flags + the recipe's defaults + the view recipe, once; a resume's: the checkpoint's."""
+    check_ranges(vars(args), dict(FLAG_RANGES, warmup_epochs=(0, args.epochs)), POSITIVE_FLAGS)
     if saved is not None:
-        return resumed_config(saved, vars(args), given, world_size, THIS_RUN, RESUMABLE)
+        return resumed_config(saved, vars(args), given, THIS_RUN, RESUMABLE)
     is_vit = backbones.is_vit(args.arch)
     recipe = views.recipe_from_flags("moco", args, is_vit, backbones.PATCH_SIZE)
     config = dict(vars(args), world_size=world_size)
@@ -95,17 +103,21 @@ def resolve_config(args, given, world_size, saved=None):
     if args.warmup_epochs is None:  # the warm-up keeps the fraction of the run it has in the paper
         config["warmup_epochs"] *= min(1.0, args.epochs / PAPER_EPOCHS)
     config.update(views.resolved_view_flags(recipe))
-    for name in ("epochs", "batch_size", "dim", "bn_splits", "log_every", "eval_every"):
-        if config[name] < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, not {config[name]}")
-    if config["lr"] <= 0 or config["temperature"] <= 0 or config["hidden_dim"] < 0:
-        raise UserError("--lr and --temperature must be > 0, --hidden-dim >= 0")
-    if not 0 <= config["momentum"] <= 1 or not 0 <= config["warmup_epochs"] <= config["epochs"]:
-        raise UserError("--momentum must be in [0, 1] and --warmup-epochs in [0, --epochs]")
     if config["queue_size"] < config["batch_size"] * world_size:  # a step's keys must fit
         raise UserError(f"--queue-size {config['queue_size']} is smaller than the global batch "
                         f"{config['batch_size'] * world_size} (--batch-size x processes)")
     return types.SimpleNamespace(**config)
+
+
+def check_ranges(flags, ranges, positive):
+    """Each flags[name] (None: unset) finite, in ranges[name] = [low, high], > 0 if in positive."""
+    for name, (low, high) in dict(ranges, **dict.fromkeys(positive, (0, math.inf))).items():
+        value = flags[name]
+        if value is not None and not (-math.inf < value < math.inf and low <= value <= high
+                                      and (value > 0 or name not in positive)):
+            must = ("> 0" if name in positive else f">= {low}" if high == math.inf else
+                    f"in [{low}, {high}]")
+            raise UserError(f"--{name.replace('_', '-')} must be {must} and finite, not {value}")
 
 
 class MoCoHead(nn.Module):
@@ -281,7 +293,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     output_dir = args.output_dir or os.path.join("runs", f"moco-{args.arch}")
     checkpoint_path = os.path.join(output_dir, "checkpoint.pth")
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path, "moco", device)
     saved = checkpoint and checkpoint["config"]
     config = resolve_config(args, given_flags(parser, argv), world_size, saved)
     if config.export:
@@ -297,6 +309,8 @@ def main(argv=None):
         if config.export and rank == 0:
             backbones.export_backbone(checkpoint["query_encoder"], config.export, config.arch)
         return dict(checkpoint=checkpoint)
+    if checkpoint and saved["world_size"] != world_size:  # a finished run exports from any number
+        raise UserError(f"resume on {saved['world_size']} process(es) as trained, not {world_size}")
     if saved and config.epochs != saved["epochs"]:
         log(f"extending the run from {saved['epochs']} to {config.epochs} epochs: new lr schedule")
     log(f"MoCo-v2 {config.arch} ({config.recipe}) | {world_size} process(es) on {device}, "
@@ -363,7 +377,7 @@ def main(argv=None):
     peak_lr = config.lr * config.batch_size * world_size / 256
     steps = iters_per_epoch if config.lr_schedule == "iter" else 1  # classic: per epoch
     per_step = cosine_schedule(peak_lr, config.min_lr, config.epochs, steps, config.warmup_epochs)
-    lr_schedule = [lr for lr in per_step for _ in range(iters_per_epoch // steps)]
+    lr_schedule = lambda it: per_step(it // (iters_per_epoch // steps))
     amp_dtype = torch.float16 if config.amp == "fp16" else torch.bfloat16
     autocast = torch.autocast(device.type, amp_dtype, enabled=config.amp != "off")
     evaluate = lambda: knn_monitor(query_encoder.backbone, *eval_sets, 256, config.workers, device,
@@ -397,7 +411,7 @@ def main(argv=None):
         for i, batch in enumerate(bar):
             it = epoch * iters_per_epoch + i
             for group in optimizer.param_groups:
-                group["lr"] = lr_schedule[it]
+                group["lr"] = lr_schedule(it)
                 group["weight_decay"] = config.weight_decay * group["wd_factor"]
             crops = views.batch_to_crops(batch, device, memory_format, view_sampler)
 
@@ -427,12 +441,12 @@ def main(argv=None):
                                      f"{kept}. Try {advice}")
                 img_s = (i + 1) * config.batch_size * world_size / (time.time() - start)
                 bar.set_postfix(loss=f"{means[0]:.4f}", acc=f"{means[1]:.3f}",
-                                lr=f"{lr_schedule[it]:.2e}", img_s=round(img_s, 1))
+                                lr=f"{lr_schedule(it):.2e}", img_s=round(img_s, 1))
 
         # ============ end of epoch: record, monitor, checkpoint ============
         chance = math.log(config.queue_size + 1)  # the loss of a positive no better than a negative
         record = dict(epoch=epoch + 1, loss=means[0], contrastive_top1=round(100 * means[1], 2),
-                      embedding_std=means[2], chance_loss=chance, lr=lr_schedule[it],
+                      embedding_std=means[2], chance_loss=chance, lr=lr_schedule(it),
                       wd=config.weight_decay, momentum=config.momentum, img_per_s=round(img_s, 1))
         if eval_sets and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
             record.update(evaluate())
@@ -494,16 +508,13 @@ def given_flags(parser, argv=None):
     return {name for name, value in vars(typed).items() if value is not unset}
 
 
-def resumed_config(saved, now, given, world_size, this_run, resumable):
+def resumed_config(saved, now, given, this_run, resumable):
     """A resumed run's configuration: the checkpoint's (`saved`), with this run's settings
     (`this_run`) and the resumable flags typed now taken from `now` (the parsed flags, a dict). Any
-    other typed flag with another value, or another number of processes, is refused, naming each one
-    old -> new."""
+    other typed flag with another value is refused, naming each one old -> new."""
     plain = lambda v: tuple(v) if isinstance(v, list) else v
     changed = {k: (saved[k], now[k]) for k in sorted(given - resumable)
                if plain(now[k]) != plain(saved[k])}
-    if saved["world_size"] != world_size:
-        changed["processes"] = (saved["world_size"], world_size)
     if changed:
         raise UserError("this run was trained with other settings; use another --output-dir or the "
                         "same flags: " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}"
@@ -562,14 +573,13 @@ def barrier():
 
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, start_warmup=0.0):
-    """One value per iteration (official DINO utils.cosine_scheduler): linear warm-up from
-    start_warmup to base over warmup_epochs (may be fractional), then a cosine from base to
-    final."""
+    """iteration -> value, as official DINO's utils.cosine_scheduler without its list of every step:
+    linear start_warmup -> base over warmup_epochs (may be fractional), then a cosine to final."""
     warmup_iters, total = int(warmup_epochs * iters_per_epoch), int(epochs * iters_per_epoch)
-    warmup = [start_warmup + (base - start_warmup) * i / warmup_iters for i in range(warmup_iters)]
-    rest = total - warmup_iters
-    cosine = [final + (base - final) * (1 + math.cos(math.pi * i / rest)) / 2 for i in range(rest)]
-    return warmup + cosine
+    rest = max(1, total - warmup_iters)
+    cosine = lambda i: final + (base - final) * (1 + math.cos(math.pi * i / rest)) / 2
+    return lambda i: (start_warmup + (base - start_warmup) * i / warmup_iters if i < warmup_iters
+                      else cosine(i - warmup_iters))
 
 
 def check_export_path(path):
@@ -617,15 +627,21 @@ def save_checkpoint(state, path):
     os.replace(f"{path}.tmp", path)
 
 
-def load_checkpoint(path):
-    """PATH's saved state, or None when there is none. An unreadable file stops in one line."""
-    if not os.path.exists(path):
-        return None
+def load_checkpoint(path, method, device):
+    """PATH's saved state, or None. An unreadable file, another method's run, or ranks that see
+    different ones (nodes with disks of their own) stop in one line, on every rank at once."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = os.path.exists(path) and torch.load(path, "cpu", weights_only=False)
     except Exception as error:
         raise UserError(f"cannot read {path} ({type(error).__name__}: {str(error)[:200]}); move it "
                         "away to start the run again") from None
+    seen = all_gather_cat(torch.tensor([checkpoint["epoch"] if checkpoint else -1], device=device))
+    if len(set(seen.tolist())) > 1:  # rank 0's node would resume, the others start over: a hang
+        raise UserError(f"the processes see different checkpoints in {path}: --output-dir must be "
+                        "one folder that all nodes share (a shared file system)")
+    if checkpoint and checkpoint.get("method") != method:
+        raise UserError(f"--output-dir holds a {checkpoint.get('method')} run, not a {method} one")
+    return checkpoint or None
 
 
 def write_log(path, records):

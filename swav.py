@@ -32,6 +32,13 @@ PAPER_WARMUPS = dict(warmup_epochs=10, epoch_queue_starts=15, freeze_prototypes_
 # Settings of this machine, never from a checkpoint; and the flags a resumed run may change.
 THIS_RUN = {"output_dir", "workers", "log_every", "device", "amp", "export", "compile"}
 RESUMABLE = THIS_RUN | {"data", "eval_data", "eval_every", "epochs", "views_on"}
+# Each numeric flag's range (None: the paper's, scaled), checked before anything is made.
+FLAG_RANGES = dict(  # num_prototypes 1 would be a one-way softmax: constant, a loss of exactly 0
+    dict.fromkeys(["epochs", "batch_size", "hidden_dim", "feat_dim", "sinkhorn_iterations",
+                   "log_every", "eval_every"], (1, math.inf)), num_prototypes=(2, math.inf),
+    **dict.fromkeys(["workers", "queue_length", "epoch_queue_starts", "freeze_prototypes_epochs",
+                     "start_warmup", "min_lr", "weight_decay"], (0, math.inf)), seed=(0, 2**32 - 1))
+POSITIVE_FLAGS = ["lr", "temperature", "epsilon"]
 
 
 def get_args_parser():
@@ -84,8 +91,9 @@ def get_args_parser():
 
 def resolve_config(args, given, world_size, saved=None):
     """The run's whole configuration, once; on a resume the checkpoint's, checked against flags."""
+    check_ranges(vars(args), dict(FLAG_RANGES, warmup_epochs=(0, args.epochs)), POSITIVE_FLAGS)
     if saved is not None:
-        return resumed_config(saved, vars(args), given, world_size, THIS_RUN, RESUMABLE)
+        return resumed_config(saved, vars(args), given, THIS_RUN, RESUMABLE)
     config = dict(vars(args), world_size=world_size)
     for name, paper_epochs in PAPER_WARMUPS.items():
         if config[name] is None:
@@ -93,20 +101,22 @@ def resolve_config(args, given, world_size, saved=None):
     vit = backbones.is_vit(args.arch)
     recipe = views.recipe_from_flags("swav", args, vit, backbones.PATCH_SIZE)
     config.update(views.resolved_view_flags(recipe))
-    lowest = dict.fromkeys(["epochs", "batch_size", "hidden_dim", "feat_dim", "num_prototypes",
-                            "sinkhorn_iterations", "log_every", "eval_every"], 1)
-    lowest.update(dict.fromkeys(["queue_length", "epoch_queue_starts", "freeze_prototypes_epochs",
-                                 "warmup_epochs", "start_warmup", "min_lr", "weight_decay"], 0))
-    for name, low in lowest.items():
-        if config[name] < low:
-            raise UserError(f"--{name.replace('_', '-')} must be >= {low}, not {config[name]}")
-    if config["lr"] <= 0 or config["temperature"] <= 0 or config["epsilon"] <= 0:
-        raise UserError("--lr, --temperature and --epsilon must be > 0")
     batch = args.batch_size * world_size
     if 0 < args.queue_length < batch:
         raise UserError(f"--queue-length {args.queue_length} holds less than one global batch "
                         f"({args.batch_size} x {world_size} = {batch}): use 0 or at least {batch}")
     return types.SimpleNamespace(**config)
+
+
+def check_ranges(flags, ranges, positive):
+    """Each flags[name] (None: unset) finite, in ranges[name] = [low, high], > 0 if in positive."""
+    for name, (low, high) in dict(ranges, **dict.fromkeys(positive, (0, math.inf))).items():
+        value = flags[name]
+        if value is not None and not (-math.inf < value < math.inf and low <= value <= high
+                                      and (value > 0 or name not in positive)):
+            must = ("> 0" if name in positive else f">= {low}" if high == math.inf else
+                    f"in [{low}, {high}]")
+            raise UserError(f"--{name.replace('_', '-')} must be {must} and finite, not {value}")
 
 
 class SwAVNet(nn.Module):
@@ -307,7 +317,7 @@ def main(argv=None):
     log = print if rank == 0 else (lambda *a, **k: None)
     output_dir = args.output_dir or os.path.join("runs", f"swav-{args.arch}")
     checkpoint_path = os.path.join(output_dir, "checkpoint.pth")
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path, "swav", device)
     saved = checkpoint and checkpoint["config"]
     config = resolve_config(args, given_flags(parser, argv), world_size, saved)
     if config.export:
@@ -322,6 +332,8 @@ def main(argv=None):
         if config.export and rank == 0:
             backbones.export_backbone(checkpoint["model"], config.export, config.arch)
         return dict(checkpoint=checkpoint)
+    if checkpoint and saved["world_size"] != world_size:  # a finished run exports from any number
+        raise UserError(f"resume on {saved['world_size']} process(es) as trained, not {world_size}")
     if saved and config.epochs != saved["epochs"]:
         log(f"extending the run from {saved['epochs']} to {config.epochs} epochs (new lr schedule)")
     recipe = views.recipe_from_flags("swav", config, backbones.is_vit(config.arch),
@@ -415,7 +427,7 @@ def main(argv=None):
         for i, batch in enumerate(bar):
             it = epoch * iters_per_epoch + i  # global iteration: index into the schedule
             for group in optimizer.param_groups:
-                group["lr"] = lr_schedule[it]
+                group["lr"] = lr_schedule(it)
                 group["weight_decay"] = config.weight_decay * group["wd_factor"]
             if queue is None and rows > 0 and it >= queue_start:
                 queue = EmbeddingQueue(rows, config.feat_dim).to(device)
@@ -448,13 +460,13 @@ def main(argv=None):
                 if not math.isfinite(means[0]):
                     raise SystemExit(f"error: non-finite loss in epoch {epoch + 1}, step {i + 1}; "
                                      "the last checkpoint is kept. Try a lower --lr or --amp off")
-                bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr_schedule[it]:.2e}",
+                bar.set_postfix(loss=f"{means[0]:.4f}", lr=f"{lr_schedule(it):.2e}",
                                 img_s=round((i + 1) * global_batch / (time.time() - start), 1))
 
         used = int(all_reduce_sum(top_prototypes).count_nonzero())
         ln_k, healthy_std = math.log(config.num_prototypes), 1 / math.sqrt(config.feat_dim)
         record = dict(epoch=epoch + 1, loss=means[0], embedding_std=means[1], code_entropy=means[2],
-                      ln_k=ln_k, prototypes_used=used, lr=lr_schedule[it], wd=config.weight_decay,
+                      ln_k=ln_k, prototypes_used=used, lr=lr_schedule(it), wd=config.weight_decay,
                       queue_full=queue is not None and queue.full(),
                       img_per_s=round(iters_per_epoch * global_batch / (time.time() - start), 1))
         if eval_sets and ((epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs):
@@ -520,16 +532,13 @@ def given_flags(parser, argv=None):
     return {name for name, value in vars(typed).items() if value is not unset}
 
 
-def resumed_config(saved, now, given, world_size, this_run, resumable):
+def resumed_config(saved, now, given, this_run, resumable):
     """A resumed run's configuration: the checkpoint's (`saved`), with this run's settings
     (`this_run`) and the resumable flags typed now taken from `now` (the parsed flags, a dict). Any
-    other typed flag with another value, or another number of processes, is refused, naming each one
-    old -> new."""
+    other typed flag with another value is refused, naming each one old -> new."""
     plain = lambda v: tuple(v) if isinstance(v, list) else v
     changed = {k: (saved[k], now[k]) for k in sorted(given - resumable)
                if plain(now[k]) != plain(saved[k])}
-    if saved["world_size"] != world_size:
-        changed["processes"] = (saved["world_size"], world_size)
     if changed:
         raise UserError("this run was trained with other settings; use another --output-dir or the "
                         "same flags: " + ", ".join(f"--{k.replace('_', '-')} {old} -> {new}"
@@ -588,14 +597,13 @@ def barrier():
 
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0.0, start_warmup=0.0):
-    """One value per iteration (official DINO utils.cosine_scheduler): linear warm-up from
-    start_warmup to base over warmup_epochs (may be fractional), then a cosine from base to
-    final."""
+    """iteration -> value, as official DINO's utils.cosine_scheduler without its list of every step:
+    linear start_warmup -> base over warmup_epochs (may be fractional), then a cosine to final."""
     warmup_iters, total = int(warmup_epochs * iters_per_epoch), int(epochs * iters_per_epoch)
-    warmup = [start_warmup + (base - start_warmup) * i / warmup_iters for i in range(warmup_iters)]
-    rest = total - warmup_iters
-    cosine = [final + (base - final) * (1 + math.cos(math.pi * i / rest)) / 2 for i in range(rest)]
-    return warmup + cosine
+    rest = max(1, total - warmup_iters)
+    cosine = lambda i: final + (base - final) * (1 + math.cos(math.pi * i / rest)) / 2
+    return lambda i: (start_warmup + (base - start_warmup) * i / warmup_iters if i < warmup_iters
+                      else cosine(i - warmup_iters))
 
 
 def check_export_path(path):
@@ -643,15 +651,21 @@ def save_checkpoint(state, path):
     os.replace(f"{path}.tmp", path)
 
 
-def load_checkpoint(path):
-    """PATH's saved state, or None when there is none. An unreadable file stops in one line."""
-    if not os.path.exists(path):
-        return None
+def load_checkpoint(path, method, device):
+    """PATH's saved state, or None. An unreadable file, another method's run, or ranks that see
+    different ones (nodes with disks of their own) stop in one line, on every rank at once."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = os.path.exists(path) and torch.load(path, "cpu", weights_only=False)
     except Exception as error:
         raise UserError(f"cannot read {path} ({type(error).__name__}: {str(error)[:200]}); move it "
                         "away to start the run again") from None
+    seen = all_gather_cat(torch.tensor([checkpoint["epoch"] if checkpoint else -1], device=device))
+    if len(set(seen.tolist())) > 1:  # rank 0's node would resume, the others start over: a hang
+        raise UserError(f"the processes see different checkpoints in {path}: --output-dir must be "
+                        "one folder that all nodes share (a shared file system)")
+    if checkpoint and checkpoint.get("method") != method:
+        raise UserError(f"--output-dir holds a {checkpoint.get('method')} run, not a {method} one")
+    return checkpoint or None
 
 
 def write_log(path, records):

@@ -37,7 +37,8 @@ def top_level_definitions(path):
 
 
 PER_SCRIPT = {"main", "get_args_parser", "resolve_config", "PAPER_DEFAULTS", "PAPER_EPOCHS",
-              "PAPER_WARMUPS", "THIS_RUN", "RESUMABLE"}  # each script's own, by name only
+              "PAPER_WARMUPS", "THIS_RUN", "RESUMABLE", "FLAG_RANGES",
+              "POSITIVE_FLAGS"}  # each script's own, by name only
 
 
 def test_a_function_in_several_scripts_is_the_same_text_in_each():
