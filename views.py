@@ -92,6 +92,9 @@ RECIPES = {
 }
 
 
+MAX_CROP, MAX_LOCAL_CROPS = 1024, 32  # far above any recipe's (224 / 128 px, 6 or 10 locals)
+
+
 def get_recipe(method, recipe="light", vit=False, **overrides):
     """`recipe` (light / baseline / classic) of `method` (dino / moco / swav), fields overridden
     (None = keep); global_size alone rescales local_size alike (112 px -> 48 / 64 px locals)."""
@@ -112,9 +115,15 @@ def get_recipe(method, recipe="light", vit=False, **overrides):
     if recipe.global_size < 16 or (recipe.local_crops and recipe.local_size < 8):
         raise UserError(f"crops of {recipe.global_size} px (global) / {recipe.local_size} px "
                         "(local) are too small: use --global-size >= 16 (locals >= 8 px)")
-    if recipe.local_crops < 0 or min(recipe.alpha_beta) < 0 or max(recipe.alpha_beta) == 0:
-        raise UserError("--local-crops must be >= 0, and --loss-weights ALPHA BETA (the weights of "
-                        "the mean global-global and global-local terms) >= 0 and not both 0")
+    if max(recipe.global_size, recipe.local_size) > MAX_CROP:  # a typo, not a setting
+        raise UserError(f"crops of {recipe.global_size} / {recipe.local_size} px: at most "
+                        f"{MAX_CROP} px (the paper's are 224 / 128)")
+    alpha, beta = recipe.alpha_beta  # nan fails every comparison: checked as "not in range"
+    if not (0 <= recipe.local_crops <= MAX_LOCAL_CROPS and 0 <= alpha < math.inf
+            and 0 <= beta < math.inf and alpha + beta > 0):
+        raise UserError(f"--local-crops must be in [0, {MAX_LOCAL_CROPS}], and --loss-weights "
+                        "ALPHA BETA (the weights of the mean global-global and global-local "
+                        "terms) finite, >= 0 and not both 0")
     return recipe
 
 

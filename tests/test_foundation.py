@@ -202,16 +202,26 @@ def test_recipe_derived_values_and_overrides():
     assert "classic" in str(info.value)
 
 
-@pytest.mark.parametrize("weights", [[0.0, 0.0], [-0.1, 1.0]])
+@pytest.mark.parametrize("weights", [[0.0, 0.0], [-0.1, 1.0], [float("nan"), 1.0],
+                                     [float("inf"), 1.0]])
 def test_loss_weights_must_be_non_negative_and_not_both_zero(weights, tmp_path):
-    """--loss-weights 0 0 once trained a whole epoch at loss 0.0000: refused before training."""
-    with pytest.raises(views.UserError, match="ALPHA BETA .* >= 0 and not both 0"):
+    """--loss-weights 0 0 once trained a whole epoch at loss 0.0000, and nan passed every check:
+    refused before training."""
+    with pytest.raises(views.UserError, match="ALPHA BETA .* finite, >= 0 and not both 0"):
         views.get_recipe("dino", "light", loss_weights=weights)
     assert views.get_recipe("dino", "light", loss_weights=[0.0, 1.0]).alpha_beta == (0.0, 1.0)
     import dino  # through a script: a UserError (one line, exit 2) before any folder or step
     with pytest.raises(views.UserError, match="--loss-weights"):
         dino.main(["--loss-weights", *map(str, weights), "--output-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags", [dict(global_size=100000), dict(local_size=5000),
+                                   dict(local_crops=1000)])
+def test_view_sizes_and_counts_far_above_any_recipe_are_refused(flags):
+    """--global-size 100000 was accepted, to run out of memory in the first batch."""
+    with pytest.raises(views.UserError, match="at most|--local-crops must be in"):
+        views.get_recipe("dino", "light", **flags)
 
 
 def test_moco_classic_recipe():
