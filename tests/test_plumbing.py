@@ -110,37 +110,47 @@ def test_imports_from_the_project_only_backbones_and_views(script):
     assert imported & PROJECT_MODULES <= ({"backbones", "views"} - {script[:-3]})
 
 
-def run(cmd, cwd, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result.stdout
-
-
 TINY = ["--epochs", "1", "--batch-size", "4", "--workers", "0", "--global-size", "32", "--local-crops", "1"]
 METHOD_FLAGS = {"dino.py": ["--out-dim", "32"], "moco_v2.py": ["--queue-size", "64"],
                 "swav.py": ["--num-prototypes", "16", "--queue-length", "0"]}
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_a_copied_script_runs_alone(script, tmp_path):
-    """Copy one script with backbones.py and views.py into an empty folder: a 1-epoch CPU run that exports its
-    backbone (linear_eval: a kNN evaluation). The finished rerun and torchrun: each script's own tests."""
-    folder = tmp_path / "alone"
-    folder.mkdir()
-    for name in (script, "backbones.py", "views.py"):
-        shutil.copy(os.path.join(ROOT, name), folder)
+def test_each_copied_script_runs_alone(tmp_path):
+    """Copy each script with backbones.py and views.py into an empty folder of its own: a 1-epoch CPU
+    run that exports its backbone (linear_eval: a kNN evaluation). The four runs are launched at once
+    (each on one thread; most of their time is the import). The finished rerun and torchrun: each
+    script's own tests."""
     data = make_image_folder(tmp_path / "images", n_per_class=4)
-    if script == "linear_eval.py":
-        make_image_folder(tmp_path / "eval" / "train", n_per_class=4)
-        make_image_folder(tmp_path / "eval" / "val", n_per_class=2)
-        run([sys.executable, script, "--mode", "knn", "--checkpoint", "none", "--data", str(tmp_path / "eval"),
-             "--global-size", "32", "--workers", "0"], folder)
-        return
-    flags = ["--data", data, "--output-dir", "run", *TINY, *METHOD_FLAGS[script]]
-    run([sys.executable, script, *flags, "--export", "b.pth"], folder)
-    assert torch.load(folder / "b.pth")  # the backbone's weights
+    make_image_folder(tmp_path / "eval" / "train", n_per_class=4)
+    make_image_folder(tmp_path / "eval" / "val", n_per_class=2)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    env.pop("PYTHONPATH", None)
+    processes = {}
+    for script in SCRIPTS:
+        folder = tmp_path / f"alone_{script}"
+        folder.mkdir()
+        for name in (script, "backbones.py", "views.py"):
+            shutil.copy(os.path.join(ROOT, name), folder)
+        if script == "linear_eval.py":
+            flags = ["--mode", "knn", "--checkpoint", "none", "--data", str(tmp_path / "eval"),
+                     "--global-size", "32", "--workers", "0"]
+        else:
+            flags = ["--data", data, "--output-dir", "run", *TINY, *METHOD_FLAGS[script],
+                     "--export", "b.pth"]
+        with open(folder / "output.txt", "w") as output:  # a file: a full pipe would stall a run
+            processes[script] = subprocess.Popen([sys.executable, script, *flags], cwd=folder,
+                                                 env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        for script, process in processes.items():
+            process.wait(timeout=300)
+            output = (tmp_path / f"alone_{script}" / "output.txt").read_text()
+            assert process.returncode == 0, f"{script}: {output[-5000:]}"
+            if script != "linear_eval.py":
+                assert torch.load(tmp_path / f"alone_{script}" / "b.pth")  # the backbone's weights
+    finally:
+        for process in processes.values():
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
