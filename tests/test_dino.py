@@ -438,8 +438,8 @@ def test_a_tiny_run_learns_a_representation_that_beats_the_untrained_one(tmp_pat
     untrained network's by 10 points (seeds 0-2 gave +22 to +31), with a healthy teacher: its entropy well below
     ln K (no uniform collapse) and its outputs spread over images. The same run on images whose colour
     identifies them, or with the paper's 200-epoch schedules squeezed into 90 steps, gains nothing.
-    This test is about learning, so its 30 checkpoints (140 MB each) are not written: saving, resuming
-    and kills are tested by the whole-run tests above."""
+    This test is about learning, so its 30 checkpoints (140 MB each) are not written: saving,
+    resuming and kills are tested by the whole-run tests above."""
     monkeypatch.setattr(dino, "save_checkpoint", lambda state, path: None)
     import views
     for split, count, seed in (("train", 60, 0), ("val", 200, 1)):

@@ -116,10 +116,10 @@ METHOD_FLAGS = {"dino.py": ["--out-dim", "32"], "moco_v2.py": ["--queue-size", "
 
 
 def test_each_copied_script_runs_alone(tmp_path):
-    """Copy each script with backbones.py and views.py into an empty folder of its own: a 1-epoch CPU
-    run that exports its backbone (linear_eval: a kNN evaluation). The four runs are launched at once
-    (each on one thread; most of their time is the import). The finished rerun and torchrun: each
-    script's own tests."""
+    """Copy each script with backbones.py and views.py into an empty folder of its own: a 1-epoch
+    CPU run that exports its backbone (linear_eval: a kNN evaluation). The four runs are launched
+    at once (each on one thread; most of their time is the import). The finished rerun and
+    torchrun: each script's own tests."""
     data = make_image_folder(tmp_path / "images", n_per_class=4)
     make_image_folder(tmp_path / "eval" / "train", n_per_class=4)
     make_image_folder(tmp_path / "eval" / "val", n_per_class=2)
