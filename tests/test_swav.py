@@ -62,6 +62,7 @@ def test_sinkhorn_half_precision_input(dtype):
 
 
 def _sinkhorn_worker(rank, world, init_file, scores, out_dir):
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     chunk = scores.chunk(world)[rank]
     torch.save(swav.sinkhorn(chunk, epsilon=0.05, iterations=3), os.path.join(out_dir, f"codes{rank}.pt"))
@@ -73,7 +74,9 @@ def test_sinkhorn_two_processes_equals_one_process(tmp_path):
     # Prototypes 0-2 peak on rank 1's samples, 3-5 on rank 0's: the max shift must be all-reduced.
     scores[7, :3] += 0.5
     scores[1, 3:] += 0.5
-    mp.spawn(_sinkhorn_worker, args=(2, str(tmp_path / "init"), scores, str(tmp_path)), nprocs=2, join=True)
+    # Forked, not spawned: a spawned child would import this file, torch and torchvision again (~4 s).
+    mp.start_processes(_sinkhorn_worker, args=(2, str(tmp_path / "init"), scores, str(tmp_path)), nprocs=2,
+                       join=True, start_method="fork")
     split = torch.cat([torch.load(tmp_path / f"codes{r}.pt") for r in range(2)])
     whole = swav.sinkhorn(scores, epsilon=0.05, iterations=3)
     assert torch.allclose(split, whole, atol=1e-6)
