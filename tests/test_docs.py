@@ -9,7 +9,7 @@ from PIL import Image
 
 from conftest import ROOT
 
-# Words that describe how the work was done rather than the project (project issue 26); a user
+# Words that describe how the work was done rather than the project: a user
 # cannot know what they refer to. "round" counts as such a word only as a stage of work ("this
 # round", "round's"), not as a verb (bf16 rounds) or Python's round().
 PROCESS_WORDS = [r"\bsessions?\b",

@@ -104,7 +104,7 @@ def test_features_in_eval_mode_restore_the_mode():
 
 
 def test_extract_features_with_an_empty_shard(monkeypatch):
-    # 1 image, 2 processes: rank 1's shard is only the sampler's padding (issue 13). Each rank's all_gather_cat is simulated with what the
+    # 1 image, 2 processes: rank 1's shard is only the sampler's padding. Each rank's all_gather_cat is simulated with what the
     # other rank sends: rank 0 runs first and records its tensors, rank 1 receives them.
     torch.manual_seed(0)
     backbone = TinyBackbone().eval()
@@ -398,7 +398,7 @@ def tiny_folder(tmp_path_factory):
     (["--arch", "vit_tiny", "--n-last-blocks", "13"], "--n-last-blocks must be an integer >= 1 and <= 12, not 13"),
 ])
 def test_numeric_flags_are_checked_before_anything_runs(tmp_path, monkeypatch, tiny_folder, flags, message):
-    # issue 25, 6: each ended in a traceback, an exit 1 or a run; now one UserError (exit 2), nothing written
+    # each ended in a traceback, an exit 1 or a run; now one UserError (exit 2), nothing written
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UserError) as error:
         le.main(cli("--checkpoint", "none", "--data", tiny_folder, "--epochs", "1", *flags))

@@ -1,7 +1,7 @@
-"""The method scripts' run folders and flags (issue 25, items 3-7): a finished run exports from any
-number of processes; nodes that see different checkpoints refuse together, before any training;
-another method's folder is refused untouched; every numeric flag is checked before anything is
-written, one-way heads included."""
+"""The method scripts' run folders and flags: a finished run exports from any number of processes;
+nodes that see different checkpoints refuse together, before any training; another method's folder
+is refused untouched; every numeric flag is checked before anything is written, one-way heads
+included."""
 import os
 import signal
 import subprocess

@@ -357,7 +357,7 @@ def test_collapse_form_sees_both_forms_and_spares_healthy_runs():
         assert swav.collapse_form(loss, std, entropy, used, 30, 128, epoch) is None
     for loss, std, entropy, used, epoch in FLAT:
         assert swav.collapse_form(loss, std, entropy, used, 30, 128, epoch).startswith("flat")
-    # A queue's form (issue 20, official loop): 5 of 100 prototypes take the images, std 17 % of healthy.
+    # A queue's form (the official loop): 5 of 100 prototypes take the images, std 17 % of healthy.
     form = swav.collapse_form(3.9, 0.17 / 128 ** 0.5, 2.0, 5, 100, 128, 6)
     assert form.startswith("concentrated")
     assert swav.collapse_form(3.9, 0.5 / 128 ** 0.5, 2.0, 5, 100, 128, 6) is None  # few, but spread
